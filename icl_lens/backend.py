@@ -1,0 +1,443 @@
+"""The only module that knows TL 3 (``HookedTransformer``) from TL 4 (``TransformerBridge``).
+
+Everything else in icl-lens speaks hook names (shared by both versions) and the few adapter
+calls defined here. Functions accept any hooked model, whether icl-lens built it or the user did.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import einops
+import torch
+import transformer_lens
+from torch import Tensor, nn
+
+TL_VERSION: str = importlib.metadata.version("transformer-lens")
+TL_MAJOR: int = int(TL_VERSION.split(".")[0])
+BACKEND: str = "bridge" if TL_MAJOR >= 4 else "hooked"
+
+if BACKEND == "hooked":
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    NATIVE_CLASS: type = HookedTransformer
+else:  # pragma: no cover - exercised in the TL4 CI leg
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    NATIVE_CLASS = TransformerBridge
+
+
+def is_bridge(model: nn.Module) -> bool:
+    """True for a TL 4 ``TransformerBridge`` (or anything built like one)."""
+    return hasattr(model, "adapter") or type(model).__name__ == "TransformerBridge"
+
+
+def check_model(model: object) -> None:
+    """Raise a one-line error unless ``model`` is a hooked TransformerLens model."""
+    if not (hasattr(model, "hook_dict") and hasattr(model, "cfg") and hasattr(model, "blocks")):
+        raise TypeError(
+            f"expected a TransformerLens HookedTransformer or TransformerBridge, got "
+            f"{type(model).__name__}; load one with icl_lens.models.load_model(...)"
+        )
+
+
+# --------------------------------------------------------------------------- dimensions
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes the analyses need, read from a model's config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    positional: str
+    windows: tuple[int | None, ...]  # per layer: sliding-window size, or None for global
+
+    @property
+    def d_q(self) -> int:
+        return self.n_heads * self.d_head
+
+
+def dims(model: nn.Module) -> ModelDims:
+    """Read the dimensions of any hooked model."""
+    check_model(model)
+    cfg = model.cfg
+    n_layers = int(cfg.n_layers)
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    windows: list[int | None] = [None] * n_layers
+    attn_types = getattr(cfg, "attn_types", None)
+    window = getattr(cfg, "window_size", None)
+    if attn_types is not None and window:
+        windows = [int(window) if t == "local" else None for t in attn_types]
+    elif getattr(cfg, "use_local_attn", False) and window:
+        windows = [int(window)] * n_layers
+    return ModelDims(
+        n_layers=n_layers,
+        n_heads=int(cfg.n_heads),
+        n_kv_heads=int(n_kv),
+        d_head=int(cfg.d_head),
+        d_model=int(cfg.d_model),
+        d_vocab=int(cfg.d_vocab),
+        n_ctx=int(cfg.n_ctx),
+        positional=str(getattr(cfg, "positional_embedding_type", "standard") or "standard"),
+        windows=tuple(windows),
+    )
+
+
+# --------------------------------------------------------------------------- toy models
+
+
+def toy_model(
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    d_vocab: int = 64,
+    n_ctx: int = 256,
+    attn_only: bool = True,
+    seed: int = 0,
+    *,
+    d_head: int | None = None,
+    d_mlp: int | None = None,
+    positional_embedding_type: str = "standard",
+    normalization_type: str | None = "LN",
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A small randomly initialised model of the installed TL's native class.
+
+    TL 3 gives a ``HookedTransformer``; TL 4 a ``TransformerBridge`` over TL's native module.
+    The global RNG is left untouched (TL 3's ``cfg.seed`` would reseed it).
+    """
+    if d_model % n_heads and d_head is None:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head")
+    d_head = d_head or d_model // n_heads
+    kwargs = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_head,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        attn_only=attn_only,
+        act_fn="gelu",
+        normalization_type=normalization_type,
+        positional_embedding_type=positional_embedding_type,
+    )
+    if not attn_only:
+        kwargs["d_mlp"] = d_mlp or 4 * d_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if BACKEND == "hooked":
+            model = HookedTransformer(HookedTransformerConfig(**kwargs, device=str(device)))
+        else:
+            cfg = TransformerBridgeConfig(**kwargs, seed=seed)
+            model = TransformerBridge.boot_native(cfg, device=device)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- parameters
+
+_TL3_KV_NAMES = {"W_K", "W_V", "b_K", "b_V", "_W_K", "_W_V", "_b_K", "_b_V"}
+
+
+def named_kv_parameters(
+    model: nn.Module, include_bias: bool = True, layers: Sequence[int] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Leaf parameters of every layer's K and V projections, with stable names.
+
+    TL 4's stacked ``model.W_K`` is a copy; the leaves live in ``blocks[l].attn.k/v``.
+    """
+    check_model(model)
+    layers = range(dims(model).n_layers) if layers is None else layers
+    out: list[tuple[str, nn.Parameter]] = []
+    for layer in layers:
+        attn = model.blocks[layer].attn
+        if is_bridge(model):
+            for proj in ("k", "v"):
+                sub = getattr(attn, proj, None)
+                if sub is None:
+                    raise NotImplementedError(
+                        f"blocks.{layer}.attn has no separate '{proj}' projection on this "
+                        "architecture; K/V finetuning needs split K and V weights"
+                    )
+                for name, p in sub.named_parameters():
+                    if name.endswith("bias") and not include_bias:
+                        continue
+                    out.append((f"blocks.{layer}.attn.{proj}.{name.split('.')[-1]}", p))
+        else:
+            for name, p in attn.named_parameters(recurse=False):
+                if name in _TL3_KV_NAMES and (include_bias or "W_" in name):
+                    out.append((f"blocks.{layer}.attn.{name}", p))
+    ids = [id(p) for _, p in out]
+    if len(set(ids)) != len(ids):
+        raise NotImplementedError("K and V share a parameter tensor (fused QKV); not supported")
+    for name, p in out:
+        if not p.is_leaf:
+            raise RuntimeError(f"{name} is not a leaf tensor; cannot be trained in place")
+    return out
+
+
+def kv_parameters(
+    model: nn.Module, include_bias: bool = True, layers: Sequence[int] | None = None
+) -> list[nn.Parameter]:
+    """The leaf ``nn.Parameter`` s of every layer's K and V projections (and biases, if any)."""
+    return [p for _, p in named_kv_parameters(model, include_bias, layers)]
+
+
+def attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """All leaf parameters of attention (Q, K, V, O) and MLP sublayers, for re-initialisation."""
+    out = []
+    for layer in range(dims(model).n_layers):
+        block = model.blocks[layer]
+        for sub in ("attn", "mlp"):
+            mod = getattr(block, sub, None)
+            if mod is None:
+                continue
+            out += [(f"blocks.{layer}.{sub}.{n}", p) for n, p in mod.named_parameters()]
+    return out
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def hook_name(kind: str, layer: int | None = None) -> str:
+    """Canonical icl-lens hook names; identical strings on TL 3 and TL 4."""
+    names = {
+        "attn_out": "blocks.{l}.hook_attn_out",
+        "resid_pre": "blocks.{l}.hook_resid_pre",
+        "resid_post": "blocks.{l}.hook_resid_post",
+        "attn_scores": "blocks.{l}.attn.hook_attn_scores",
+        "pattern": "blocks.{l}.attn.hook_pattern",
+        "q": "blocks.{l}.attn.hook_q",
+        "k": "blocks.{l}.attn.hook_k",
+        "v": "blocks.{l}.attn.hook_v",
+        "z": "blocks.{l}.attn.hook_z",
+    }
+    if kind not in names:
+        raise KeyError(f"unknown hook kind {kind!r}; known: {sorted(names)}")
+    return names[kind].format(l=layer)
+
+
+def final_norm_hook_name(model: nn.Module) -> str:
+    """The hook holding the final-normed residual stream (input of the unembedding)."""
+    return "ln_final.hook_out" if is_bridge(model) else "ln_final.hook_normalized"
+
+
+def canonical_hook_name(model: nn.Module, name: str) -> str:
+    """The name a hook reports inside its callback (TL 4 aliases resolve to another name)."""
+    point = model.hook_dict.get(name)
+    if point is None:
+        raise KeyError(f"model has no hook {name!r}")
+    return point.name
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """Within the block, a forward pass ends right after hook ``name`` fires.
+
+    Use ``run_until`` rather than this directly. Skips the unembedding, which on a 262k
+    vocabulary is most of a forward pass's cost.
+    """
+
+    def stop(tensor: Tensor, hook: object) -> None:
+        raise _StopForward
+
+    with model.hooks(fwd_hooks=[(name, stop)]):
+        yield
+
+
+def run_until(
+    model: nn.Module,
+    tokens: Tensor,
+    fwd_hooks: Sequence[tuple[str, object]],
+    stop_at: str | None = None,
+    **forward_kwargs: object,
+) -> Tensor | None:
+    """Run a forward pass with ``fwd_hooks``; stop early after hook ``stop_at`` if given.
+
+    Returns the logits when the pass runs to the end, else ``None``.
+    """
+    hooks = list(fwd_hooks)
+    if stop_at is not None:
+
+        def stop(tensor: Tensor, hook: object) -> None:
+            raise _StopForward
+
+        hooks.append((stop_at, stop))
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            return model(tokens, **forward_kwargs)
+    except _StopForward:
+        return None
+
+
+def unembed_rows(model: nn.Module, token_ids: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """The unembedding columns ``W_U[:, ids]`` and bias ``b_U[ids]`` of a few tokens."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    unembed = model.unembed
+    if is_bridge(model):
+        w = unembed.W_U
+        b = getattr(unembed, "b_U", None)
+    else:
+        w = unembed.W_U
+        b = unembed.b_U
+    ids = ids.to(w.device)
+    w_rows = w[:, ids]
+    b_rows = b[ids] if isinstance(b, Tensor) else None
+    return w_rows, b_rows
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def neutral_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Weights in a backend-neutral layout (TL 3 names and shapes), for committed toys.
+
+    Supports the standard-position, LayerNorm, attn-only or GELU-MLP toys of ``toy_model``.
+    """
+    d = dims(model)
+    if not is_bridge(model):
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v for k, v in sd.items() if not k.endswith(("IGNORE", ".mask"))}
+    h = d.n_heads
+    out: dict[str, Tensor] = {}
+    inner = model.original_model if hasattr(model, "original_model") else None
+    if inner is None:
+        raise NotImplementedError("neutral_state_dict supports TL-native toy bridges only")
+    sd = {_clean(k): v.detach().clone() for k, v in inner.state_dict().items()}
+    out["embed.W_E"] = sd["tok_embed.weight"]
+    if "pos.weight" in sd:
+        out["pos_embed.W_pos"] = sd["pos.weight"]
+    for layer in range(d.n_layers):
+        p = f"layers.{layer}."
+        t = f"blocks.{layer}."
+        if f"{p}ln1.weight" in sd:
+            out[t + "ln1.w"] = sd[f"{p}ln1.weight"]
+            out[t + "ln1.b"] = sd[f"{p}ln1.bias"]
+        for proj in "qkv":
+            out[t + f"attn.W_{proj.upper()}"] = einops.rearrange(
+                sd[f"{p}attn.{proj}.weight"], "(h dh) dm -> h dm dh", h=h
+            )
+            out[t + f"attn.b_{proj.upper()}"] = einops.rearrange(
+                sd[f"{p}attn.{proj}.bias"], "(h dh) -> h dh", h=h
+            )
+        out[t + "attn.W_O"] = einops.rearrange(sd[f"{p}attn.o.weight"], "dm (h dh) -> h dh dm", h=h)
+        out[t + "attn.b_O"] = sd[f"{p}attn.o.bias"]
+        if f"{p}ln2.weight" in sd:
+            out[t + "ln2.w"] = sd[f"{p}ln2.weight"]
+            out[t + "ln2.b"] = sd[f"{p}ln2.bias"]
+        if f"{p}mlp.fc_in.weight" in sd:
+            out[t + "mlp.W_in"] = sd[f"{p}mlp.fc_in.weight"].T.contiguous()
+            out[t + "mlp.b_in"] = sd[f"{p}mlp.fc_in.bias"]
+            out[t + "mlp.W_out"] = sd[f"{p}mlp.fc_out.weight"].T.contiguous()
+            out[t + "mlp.b_out"] = sd[f"{p}mlp.fc_out.bias"]
+    if "ln_out.weight" in sd:
+        out["ln_final.w"] = sd["ln_out.weight"]
+        out["ln_final.b"] = sd["ln_out.bias"]
+    out["unembed.W_U"] = sd["head.weight"].T.contiguous()
+    out["unembed.b_U"] = sd.get("head.bias", torch.zeros(d.d_vocab))
+    return out
+
+
+def _clean(key: str) -> str:
+    """Strip the bridge's wrapper segments from a state-dict key."""
+    return key.replace("._original_component", "").replace("_original_component.", "")
+
+
+def load_neutral_state_dict(model: nn.Module, neutral: dict[str, Tensor]) -> None:
+    """Load weights from ``neutral_state_dict`` layout into a model of the installed TL."""
+    if not is_bridge(model):
+        missing, unexpected = model.load_state_dict(neutral, strict=False)
+        missing = [k for k in missing if not k.endswith(("IGNORE", ".mask"))]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
+        return
+    d = dims(model)
+    inner = model.original_model
+    sd: dict[str, Tensor] = {"tok_embed.weight": neutral["embed.W_E"]}
+    if "pos_embed.W_pos" in neutral:
+        sd["pos.weight"] = neutral["pos_embed.W_pos"]
+    for layer in range(d.n_layers):
+        p = f"layers.{layer}."
+        t = f"blocks.{layer}."
+        if t + "ln1.w" in neutral:
+            sd[f"{p}ln1.weight"] = neutral[t + "ln1.w"]
+            sd[f"{p}ln1.bias"] = neutral[t + "ln1.b"]
+        for proj in "qkv":
+            sd[f"{p}attn.{proj}.weight"] = einops.rearrange(
+                neutral[t + f"attn.W_{proj.upper()}"], "h dm dh -> (h dh) dm"
+            )
+            sd[f"{p}attn.{proj}.bias"] = neutral[t + f"attn.b_{proj.upper()}"].flatten()
+        sd[f"{p}attn.o.weight"] = einops.rearrange(neutral[t + "attn.W_O"], "h dh dm -> dm (h dh)")
+        sd[f"{p}attn.o.bias"] = neutral[t + "attn.b_O"]
+        if t + "ln2.w" in neutral:
+            sd[f"{p}ln2.weight"] = neutral[t + "ln2.w"]
+            sd[f"{p}ln2.bias"] = neutral[t + "ln2.b"]
+        if t + "mlp.W_in" in neutral:
+            sd[f"{p}mlp.fc_in.weight"] = neutral[t + "mlp.W_in"].T
+            sd[f"{p}mlp.fc_in.bias"] = neutral[t + "mlp.b_in"]
+            sd[f"{p}mlp.fc_out.weight"] = neutral[t + "mlp.W_out"].T
+            sd[f"{p}mlp.fc_out.bias"] = neutral[t + "mlp.b_out"]
+    if "ln_final.w" in neutral:
+        sd["ln_out.weight"] = neutral["ln_final.w"]
+        sd["ln_out.bias"] = neutral["ln_final.b"]
+    sd["head.weight"] = neutral["unembed.W_U"].T
+    own: dict[str, Tensor] = {}
+    for k, v in inner.state_dict(keep_vars=True).items():
+        own.setdefault(_clean(k), v)
+    if "head.bias" in own:
+        sd["head.bias"] = neutral["unembed.b_U"]
+    elif neutral.get("unembed.b_U") is not None and neutral["unembed.b_U"].abs().max() > 0:
+        raise ValueError("checkpoint has a non-zero unembedding bias, which this TL 4 toy lacks")
+    unknown = [k for k in sd if k not in own]
+    if unknown:
+        raise ValueError(f"checkpoint mismatch: the model has no {unknown}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"checkpoint mismatch at {k}: {tuple(v.shape)} vs model")
+            own[k].copy_(v)
+
+
+def tl_version_info() -> dict[str, str]:
+    """Versions recorded in every results file."""
+    return {"transformer_lens": TL_VERSION, "backend": BACKEND, "torch": torch.__version__}
+
+
+__all__ = [
+    "BACKEND",
+    "NATIVE_CLASS",
+    "TL_MAJOR",
+    "TL_VERSION",
+    "ModelDims",
+    "attention_parameters",
+    "canonical_hook_name",
+    "check_model",
+    "dims",
+    "final_norm_hook_name",
+    "hook_name",
+    "is_bridge",
+    "kv_parameters",
+    "load_neutral_state_dict",
+    "named_kv_parameters",
+    "neutral_state_dict",
+    "run_until",
+    "stop_after",
+    "tl_version_info",
+    "toy_model",
+    "unembed_rows",
+]
+_ = transformer_lens  # imported for its side effects on TL 4 (registers boot_native)
