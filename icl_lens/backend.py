@@ -6,6 +6,7 @@ calls defined here. Functions accept any hooked model, whether icl-lens built it
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -298,6 +299,121 @@ def unembed_rows(model: nn.Module, token_ids: Sequence[int]) -> tuple[Tensor, Te
     w_rows = w[:, ids]
     b_rows = b[ids] if isinstance(b, Tensor) else None
     return w_rows, b_rows
+
+
+def attn_scale(model: nn.Module, layer: int) -> float:
+    """The divisor of q·k in ``layer`` (``sqrt(d_head)`` unless the model says otherwise)."""
+    attn = model.blocks[layer].attn
+    scale = getattr(attn, "attn_scale", None)
+    if isinstance(scale, (int, float)) and scale > 0:
+        return float(scale)
+    if is_bridge(model):
+        inner = getattr(attn, "original_component", None)
+        hf_scaling = getattr(inner, "scaling", None)
+        if isinstance(hf_scaling, (int, float)) and hf_scaling > 0:
+            return 1.0 / float(hf_scaling)
+        native = getattr(inner, "scale", None)
+        if isinstance(native, (int, float)) and native > 0:
+            return float(native)
+    cfg_scale = getattr(model.cfg, "attn_scale", -1.0)
+    if isinstance(cfg_scale, (int, float)) and cfg_scale > 0:
+        return float(cfg_scale)
+    return float(model.cfg.d_head) ** 0.5
+
+
+# --------------------------------------------------------------------------- prefix KV cache
+
+
+class PrefixCache:
+    """Keys and values of a shared prompt prefix, reusable for any batch of continuations."""
+
+    def __init__(self, kind: str, state: object, length: int):
+        self.kind = kind
+        self.state = state
+        self.length = length
+
+
+def supports_prefix_cache(model: nn.Module) -> bool:
+    """Whether ``prefix_cache`` can reuse a prefix's keys/values on this model."""
+    if not is_bridge(model):
+        return True
+    return _hf_model(model) is not None
+
+
+def _hf_model(model: nn.Module) -> nn.Module | None:
+    """The underlying HF model of a bridge built from transformers, else None."""
+    inner = getattr(model, "original_model", None)
+    if inner is not None and hasattr(inner, "config") and hasattr(inner.config, "model_type"):
+        return inner
+    return None
+
+
+def prefix_cache(model: nn.Module, prefix: Tensor) -> PrefixCache:
+    """Run ``prefix`` ([pos] token ids) once and keep its keys/values."""
+    if not supports_prefix_cache(model):
+        raise NotImplementedError("this model cannot reuse a key-value cache")
+    prefix = prefix.reshape(1, -1)
+    if not is_bridge(model):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+        with torch.no_grad():
+            model(
+                prefix.to(model.cfg.device),
+                attention_mask=torch.ones_like(prefix),
+                past_kv_cache=cache,
+                return_type=None,
+            )
+        cache.freeze()
+        return PrefixCache("tl3", cache, prefix.shape[1])
+    with torch.no_grad():  # pragma: no cover - TL 4 leg
+        _, past = model(prefix, return_type="logits_and_cache")
+    return PrefixCache("hf", past, prefix.shape[1])
+
+
+def run_with_prefix(
+    model: nn.Module,
+    cache: PrefixCache,
+    tokens: Tensor,
+    attention_mask: Tensor,
+    fwd_hooks: Sequence[tuple[str, object]],
+    stop_at: str | None = None,
+) -> None:
+    """Run right-padded continuations ``tokens`` [batch, pos] after the cached prefix.
+
+    Hooks see only the new positions; attention-score rows span prefix + new keys.
+    """
+    batch = tokens.shape[0]
+    full_mask = torch.cat(
+        [torch.ones(batch, cache.length, dtype=attention_mask.dtype), attention_mask], dim=1
+    )
+    if cache.kind == "tl3":
+        tl_cache = cache.state
+        expanded = copy.copy(tl_cache)
+        expanded.entries = [
+            copy.copy(e) for e in tl_cache.entries
+        ]  # frozen entries: no in-place growth
+        for e in expanded.entries:
+            e.past_keys = e.past_keys.expand(batch, -1, -1, -1)
+            e.past_values = e.past_values.expand(batch, -1, -1, -1)
+        expanded.previous_attention_mask = full_mask[:, : cache.length].to(
+            tl_cache.previous_attention_mask
+        )
+        run_until(
+            model,
+            tokens,
+            fwd_hooks,
+            stop_at=stop_at,
+            attention_mask=attention_mask,
+            past_kv_cache=expanded,
+        )
+        return
+    past = copy.deepcopy(cache.state)  # pragma: no cover - TL 4 leg
+    if hasattr(past, "batch_repeat_interleave"):
+        past.batch_repeat_interleave(batch)
+    run_until(
+        model, tokens, fwd_hooks, stop_at=stop_at, attention_mask=full_mask, past_key_values=past
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,249 @@
+"""One hooked pass per condition (ZS, ICL, FT): keep only what the analyses need.
+
+For every prompt, ``capture`` records at the recorded position (DESIGN §2):
+the attention output of every layer (``hook_attn_out``), the pre-softmax score row of every
+layer and head sliced to the query's own tokens and to the demonstration tokens, and the
+scaled query vector (all heads concatenated); at the prediction position it scores only the
+label words (final norm + the label words' unembedding columns, never the full vocabulary).
+
+With the same demonstrations for every query (the paper's setting), the demonstration prefix
+runs once and its keys/values are reused for padded batches of queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from icl_lens import backend as B
+
+CONDITIONS = ("zs", "icl", "ft")
+
+
+@dataclass
+class Records:
+    """What one condition's pass kept, per example. All tensors live on the CPU.
+
+    Score rows are padded to the longest query; ``query_mask``/``demo_mask`` mark the keys
+    that are real and visible to the recorded row in that layer (sliding windows hide some).
+    """
+
+    condition: str
+    record: str
+    example_ids: list[str]
+    labels: Int[Tensor, " example"]
+    label_logits: Float[Tensor, "example label"]
+    attn_out: Float[Tensor, "example layer d_model"]
+    q: Float[Tensor, "example layer d_q"]
+    query_scores: Float[Tensor, "example layer head query_tok"]
+    query_mask: Bool[Tensor, "example layer query_tok"]
+    demo_scores: Float[Tensor, "example layer head demo_tok"]
+    demo_mask: Bool[Tensor, "example layer demo_tok"]
+    demo_of_token: Int[Tensor, " demo_tok"] = field(default_factory=lambda: torch.zeros(0))
+    n_tokens: Int[Tensor, " example"] = field(default_factory=lambda: torch.zeros(0))
+    prefix_cached: bool = False
+
+    @property
+    def preds(self) -> Int[Tensor, " example"]:
+        return self.label_logits.argmax(-1)
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _shared_prefix(prompts: Sequence) -> int:
+    """Length of the demonstration prefix shared by all prompts (0 if none)."""
+    first = prompts[0]
+    n = first.spans.prefix_len
+    if n <= 1:  # BOS only: nothing worth caching
+        return 0
+    head = first.tokens[:n]
+    for p in prompts[1:]:
+        if p.spans.prefix_len != n or p.tokens[:n] != head:
+            return 0
+    return n
+
+
+def capture(
+    model: nn.Module,
+    prompts: Sequence,
+    label_token_ids: Sequence[int],
+    condition: str = "icl",
+    *,
+    batch_size: int = 8,
+    shared_prefix: bool | None = None,
+    progress: bool = True,
+) -> Records:
+    """Run ``prompts`` (from ``tasks.build_prompt``) through ``model`` and keep the records.
+
+    ``shared_prefix=None`` reuses the demonstration prefix's keys/values whenever all prompts
+    share it and the model supports it; ``False`` always runs full prompts.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
+    record = prompts[0].record if len(prompts) else "label"
+    if any(p.record != record for p in prompts):
+        raise ValueError("prompts mix recorded positions; build them with one record=...")
+    if len(prompts) == 0:
+        raise ValueError("no prompts to run; check that the evaluation set is not empty")
+    d = B.dims(model)
+    longest = max(len(p.tokens) for p in prompts)
+    if longest > d.n_ctx:
+        raise ValueError(
+            f"prompt has {longest} tokens but the model's context is {d.n_ctx}; "
+            "use fewer demonstrations (n_demos) or shorter examples"
+        )
+    prefix_len = _shared_prefix(prompts) if shared_prefix is not False else 0
+    if prefix_len and not B.supports_prefix_cache(model):
+        if shared_prefix:
+            raise NotImplementedError("this model cannot reuse a key-value cache")
+        prefix_len = 0
+    demo_pos = list(prompts[0].spans.demo_token_positions())
+    for p in prompts:
+        if list(p.spans.demo_token_positions()) != demo_pos:
+            raise ValueError("all prompts of one capture must share the same demonstrations")
+    demo_of_token = torch.as_tensor(prompts[0].spans.demo_of_position(), dtype=torch.long)
+    label_ids = list(label_token_ids)
+    w_u, b_u = B.unembed_rows(model, label_ids)
+    w_u, b_u = w_u.detach(), None if b_u is None else b_u.detach()
+    scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
+
+    device = w_u.device
+    cache = None
+    if prefix_len:
+        prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=device)
+        cache = B.prefix_cache(model, prefix)
+
+    chunks: list[dict[str, Tensor]] = []
+    bar = tqdm(total=len(prompts), desc=f"capture {condition}", disable=not progress, leave=False)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        chunks.append(
+            _run_batch(
+                model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache
+            )
+        )
+        bar.update(len(batch))
+    bar.close()
+    cat = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0] if k not in ("qs", "qm")}
+    q_len = max(c["qs"].shape[-1] for c in chunks)
+    pad = torch.nn.functional.pad
+    qs = torch.cat([pad(c["qs"], (0, q_len - c["qs"].shape[-1])) for c in chunks])
+    qm = torch.cat([pad(c["qm"], (0, q_len - c["qm"].shape[-1])) for c in chunks])
+    return Records(
+        condition=condition,
+        record=record,
+        example_ids=[str(p.example_id) for p in prompts],
+        labels=torch.tensor([int(p.label) for p in prompts]),
+        label_logits=cat["logits"],
+        attn_out=cat["attn_out"],
+        q=cat["q"],
+        query_scores=qs,
+        query_mask=qm,
+        demo_scores=cat["ds"],
+        demo_mask=cat["dm"],
+        demo_of_token=demo_of_token,
+        n_tokens=torch.tensor([len(p.tokens) for p in prompts]),
+        prefix_cached=bool(prefix_len),
+    )
+
+
+def _visible(scores: Tensor) -> Tensor:
+    """Keys a score row can see: masked keys hold -inf (TL) or a huge negative (HF masks)."""
+    return torch.isfinite(scores) & (scores > -1e30)
+
+
+@torch.no_grad()
+def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache):
+    """One padded forward pass over ``batch``; returns CPU tensors for each field."""
+    device = w_u.device
+    n = len(batch)
+    lengths = [len(p.tokens) - prefix_len for p in batch]
+    width = max(lengths)
+    tokens = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        tokens[i, : lengths[i]] = torch.tensor(p.tokens[prefix_len:])
+        mask[i, : lengths[i]] = 1
+    rows = torch.arange(n, device=device)
+    # positions relative to the tokens actually fed (prefix excluded)
+    rec = torch.tensor([p.spans.record_pos - prefix_len for p in batch], device=device)
+    pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch], device=device)
+    q_start = [p.spans.query[0] for p in batch]  # absolute
+    q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
+    q_len = max(e - s for s, e in zip(q_start, q_end, strict=True))
+    demo_idx = torch.tensor(demo_pos, dtype=torch.long, device=device)
+
+    out = {
+        "attn_out": torch.empty(n, d.n_layers, d.d_model),
+        "q": torch.empty(n, d.n_layers, d.d_q),
+        "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
+        "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
+        "ds": torch.zeros(n, d.n_layers, d.n_heads, len(demo_pos)),
+        "dm": torch.zeros(n, d.n_layers, len(demo_pos), dtype=torch.bool),
+    }
+
+    def attn_out_hook(layer):
+        def hook(t, hook):
+            out["attn_out"][:, layer] = t[rows, rec].float().cpu()
+
+        return hook
+
+    def q_hook(layer):
+        def hook(t, hook):
+            out["q"][:, layer] = (t[rows, rec].flatten(-2) / scales[layer] ** 0.5).float().cpu()
+
+        return hook
+
+    def scores_hook(layer):
+        def hook(t, hook):
+            row = t[rows, :, rec].float()  # [batch, head, key]; keys are absolute positions
+            for i in range(n):
+                s, e = q_start[i], q_end[i]
+                own = row[i, :, s:e]
+                out["qs"][i, layer, :, : e - s] = own.cpu()
+                out["qm"][i, layer, : e - s] = _visible(own).all(0).cpu()
+            if len(demo_pos):
+                demo = row[:, :, demo_idx]
+                seen = _visible(demo)
+                out["ds"][:, layer] = torch.where(seen, demo, torch.zeros(())).cpu()
+                out["dm"][:, layer] = seen.all(1).cpu()
+
+        return hook
+
+    final = {}
+
+    def final_hook(t, hook):
+        final["x"] = t[rows, pred]
+
+    hooks = []
+    for layer in range(d.n_layers):
+        hooks += [
+            (B.hook_name("attn_out", layer), attn_out_hook(layer)),
+            (B.hook_name("q", layer), q_hook(layer)),
+            (B.hook_name("attn_scores", layer), scores_hook(layer)),
+        ]
+    stop = B.final_norm_hook_name(model)
+    hooks.append((stop, final_hook))
+    tokens, mask = tokens.to(device), mask.to(device)
+    if cache is not None:
+        B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop)
+    else:
+        # right padding needs no mask: under causal attention no real row sees a pad
+        B.run_until(model, tokens, hooks, stop_at=stop)
+    logits = final["x"].to(w_u.dtype) @ w_u
+    if b_u is not None:
+        logits = logits + b_u
+    out["logits"] = logits.float().cpu()
+    # Scores of padded query slots stay masked out; queries are right-padded, so the
+    # recorded row never attends to padding (causal attention).
+    out["qs"] = torch.where(out["qm"].unsqueeze(2), out["qs"], torch.zeros(()))
+    return out

@@ -1,0 +1,191 @@
+"""Finetune K/V in place on the demonstrations (the paper's FT protocol), then restore exactly.
+
+Protocol (DESIGN §2): plain SGD (no momentum, no weight decay), constant learning rate, batch
+size 1, one epoch over the demonstrations in ICL order, causal-LM loss averaged over all tokens
+of "formatted input + label word". Only the parameters from ``backend.kv_parameters`` train.
+
+``mode="layer_causal"`` (Deutch et al. 2024): each layer's input is detached and each layer's
+residual output goes through the final norm and unembedding to its own LM loss; the per-layer
+losses are summed, so each layer's K/V learn only from their own loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from icl_lens import backend as B
+
+MODES = ("standard", "layer_causal")
+
+
+class FinetuneDivergedError(FloatingPointError):
+    """The loss became NaN or infinite; the model has been restored."""
+
+
+@dataclass
+class FTState:
+    """What a finetune produced, besides the changed weights (which are restored on exit)."""
+
+    lr: float
+    mode: str
+    param_names: list[str]
+    losses: list[float] = field(default_factory=list)
+    # Scaled query vectors (all heads) of every trained token (BOS excluded), every layer,
+    # captured in the forward pass of the step that trained on it: the Kendall FT side.
+    train_q: Float[Tensor, "layer train_tok d_q"] | None = None
+    train_token_demo: Int[Tensor, " train_tok"] | None = None
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.losses)
+
+
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over every position that has a target."""
+    return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+
+
+def _resid_logits(model: nn.Module, resid: Tensor) -> Tensor:
+    """Full-vocabulary logits from a residual stream: final norm, then unembedding."""
+    normed = model.ln_final(resid)
+    w_u = model.unembed.W_U
+    b_u = getattr(model.unembed, "b_U", None)
+    logits = normed @ w_u
+    return logits + b_u if isinstance(b_u, Tensor) else logits
+
+
+def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
+    """Token lists for the training steps: either given, or built from Examples."""
+    if len(demos) == 0:
+        raise ValueError("no demonstrations to finetune on; pass at least one")
+    first = demos[0]
+    if isinstance(first, (list, tuple)) or isinstance(first, Tensor):
+        return [list(map(int, d)) for d in demos]
+    if task is None:
+        raise ValueError("finetuning on Examples needs task=...; or pass token lists")
+    from icl_lens.tasks import build_train_sequence
+
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("model has no tokenizer; pass tokenizer=...")
+    return [build_train_sequence(task, tok, d) for d in demos]
+
+
+@contextmanager
+def finetuned(
+    model: nn.Module,
+    demos: Sequence,
+    lr: float,
+    *,
+    mode: str = "standard",
+    task=None,
+    tokenizer=None,
+    params: Sequence[tuple[str, nn.Parameter]] | None = None,
+    record_queries: bool = True,
+    progress: bool = False,
+) -> Iterator[FTState]:
+    """Inside the block, ``model`` is the finetuned model; on exit it is restored bit for bit.
+
+    ``demos`` are token lists ([BOS] + input + label word each) or ``Example`` s with ``task``.
+    ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
+    an exception or KeyboardInterrupt; only the trained tensors' originals are kept.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown finetune mode {mode!r}; use one of {MODES}")
+    if not (lr > 0):
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    sequences = _to_sequences(model, demos, task, tokenizer)
+    named = list(params) if params is not None else B.named_kv_parameters(model)
+    trained = [p for _, p in named]
+    originals = [p.detach().clone() for p in trained]
+    grads = [p.grad for p in trained]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
+    try:
+        with torch.enable_grad():
+            _train(model, sequences, trained, state, record_queries, progress)
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        yield state
+    finally:
+        with torch.no_grad():
+            for p, orig, g in zip(trained, originals, grads, strict=True):
+                p.copy_(orig)
+                p.grad = g
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+
+
+def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool):
+    """The SGD loop: one step per demonstration, in order."""
+    d = B.dims(model)
+    trained_ids = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained_ids)
+    for p in trained:
+        p.grad = None
+    opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
+    device = trained[0].device
+    scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
+    q_steps: list[Tensor] = []
+    token_demo: list[int] = []
+    model.eval()  # no dropout in TL models; eval keeps any stochastic layer off
+    for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
+        tokens = torch.tensor([seq], device=device)
+        if tokens.shape[1] > d.n_ctx:
+            raise ValueError(
+                f"training sequence has {tokens.shape[1]} tokens but the context is {d.n_ctx}"
+            )
+        qs: dict[int, Tensor] = {}
+        resid: dict[int, Tensor] = {}
+        hooks = []
+        if record_queries:
+            for layer in range(d.n_layers):
+
+                def save_q(t, hook, layer=layer):
+                    qs[layer] = (t[0, 1:].detach().flatten(-2) / scales[layer] ** 0.5).cpu()
+
+                hooks.append((B.hook_name("q", layer), save_q))
+        if state.mode == "layer_causal":
+            for layer in range(d.n_layers):
+
+                def keep_resid(t, hook, layer=layer):
+                    resid[layer] = t
+
+                hooks.append((B.hook_name("resid_post", layer), keep_resid))
+                if layer > 0:
+                    hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
+            B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
+            loss = sum(_lm_loss(_resid_logits(model, resid[layer]), tokens) for layer in resid)
+        else:
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(tokens)
+            loss = _lm_loss(logits, tokens)
+        value = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            raise FinetuneDivergedError(
+                f"finetune loss became {value} at step {step} with lr={state.lr}; "
+                "use a lower learning rate (the model has been restored)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state.losses.append(value)
+        if record_queries:
+            q_steps.append(torch.stack([qs[layer] for layer in range(d.n_layers)]))
+            token_demo += [step] * (len(seq) - 1)
+    for p in trained:
+        p.grad = None
+    if record_queries:
+        state.train_q = torch.cat(q_steps, dim=1).float()
+        state.train_token_demo = torch.tensor(token_demo)

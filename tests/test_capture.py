@@ -1,0 +1,106 @@
+"""capture: the shared-prefix engine equals a naive full-prompt run with full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_lens import backend as B
+from icl_lens.capture import capture
+from icl_lens.tasks import build_prompt, label_token_ids
+from icl_lens.toy import ToyTokenizer, toy_episode, toy_task
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = ToyTokenizer()
+    task = toy_task(2)
+    demos, evals = toy_episode(seed=3, n_demos=8, n_eval=7, tokenizer=tok)
+    model = B.toy_model(2, 32, 4, tok.vocab_size, 128, seed=2)
+    return model, tok, task, demos, evals
+
+
+def naive(model, prompt, label_ids):
+    """Per example: full prompt, full-vocabulary logits, full activation cache."""
+    tokens = torch.tensor([prompt.tokens])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    d = B.dims(model)
+    r = prompt.spans.record_pos
+    q0 = prompt.spans.query[0]
+    demo = prompt.spans.demo_token_positions()
+    out = {
+        "logits": logits[0, prompt.spans.predict_pos, label_ids],
+        "attn_out": torch.stack(
+            [cache[B.hook_name("attn_out", l)][0, r] for l in range(d.n_layers)]
+        ),
+        "query_scores": torch.stack(
+            [cache[B.hook_name("attn_scores", l)][0, :, r, q0 : r + 1] for l in range(d.n_layers)]
+        ),
+        "demo_scores": torch.stack(
+            [cache[B.hook_name("attn_scores", l)][0, :, r, demo] for l in range(d.n_layers)]
+        ),
+        "q": torch.stack(
+            [
+                cache[B.hook_name("q", l)][0, r].flatten() / B.attn_scale(model, l) ** 0.5
+                for l in range(d.n_layers)
+            ]
+        ),
+    }
+    return out
+
+
+@pytest.mark.parametrize("record", ["label", "predict"])
+@pytest.mark.parametrize("n_demos", [0, 8])
+def test_capture_matches_naive(setup, record, n_demos):
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos[:n_demos], record=record) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    rec = capture(
+        model, prompts, label_ids, "icl" if n_demos else "zs", batch_size=3, progress=False
+    )
+    if n_demos and B.supports_prefix_cache(model):
+        assert rec.prefix_cached
+    assert rec.attn_out.shape == (len(evals), 2, 32)
+    assert rec.demo_scores.shape[-1] == len(prompts[0].spans.demo_token_positions())
+    for i, p in enumerate(prompts):
+        ref = naive(model, p, label_ids)
+        torch.testing.assert_close(rec.label_logits[i], ref["logits"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(rec.attn_out[i], ref["attn_out"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(rec.q[i], ref["q"], atol=1e-4, rtol=0)
+        n_q = ref["query_scores"].shape[-1]
+        torch.testing.assert_close(
+            rec.query_scores[i, :, :, :n_q], ref["query_scores"], atol=1e-4, rtol=0
+        )
+        assert rec.query_mask[i, :, :n_q].all() and not rec.query_mask[i, :, n_q:].any()
+        torch.testing.assert_close(rec.demo_scores[i], ref["demo_scores"], atol=1e-4, rtol=0)
+        assert rec.demo_mask[i].all()
+        assert int(rec.preds[i]) == int(ref["logits"].argmax())
+
+
+def test_shared_prefix_equals_full_prompts(setup):
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    auto = capture(model, prompts, label_ids, progress=False)
+    assert not full.prefix_cached
+    assert torch.equal(full.preds, auto.preds)
+    for name in ("label_logits", "attn_out", "q", "query_scores", "demo_scores"):
+        diff = (getattr(full, name) - getattr(auto, name)).abs().max()
+        assert diff <= 1e-4, (name, float(diff))
+
+
+def test_capture_rejects_bad_input(setup):
+    model, tok, task, demos, evals = setup
+    label_ids = label_token_ids(task, tok)
+    with pytest.raises(ValueError, match="empty"):
+        capture(model, [], label_ids, progress=False)
+    with pytest.raises(ValueError, match="condition"):
+        capture(model, [build_prompt(task, tok, evals[0])], label_ids, "fewshot", progress=False)
+    long_demos = demos * 20
+    with pytest.raises(ValueError, match="fewer demonstrations"):
+        capture(model, [build_prompt(task, tok, evals[0], long_demos)], label_ids, progress=False)
+    mixed = [build_prompt(task, tok, evals[0], demos), build_prompt(task, tok, evals[1], demos[:2])]
+    with pytest.raises(ValueError, match="same demonstrations"):
+        capture(model, mixed, label_ids, progress=False)
