@@ -152,14 +152,14 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
         if record_queries:
             for layer in range(d.n_layers):
 
-                def save_q(t, hook, layer=layer):
+                def save_q(t, hook, layer=layer, qs=qs):
                     qs[layer] = (t[0, 1:].detach().flatten(-2) / scales[layer] ** 0.5).cpu()
 
                 hooks.append((B.hook_name("q", layer), save_q))
         if state.mode == "layer_causal":
             for layer in range(d.n_layers):
 
-                def keep_resid(t, hook, layer=layer):
+                def keep_resid(t, hook, layer=layer, resid=resid):
                     resid[layer] = t
 
                 hooks.append((B.hook_name("resid_post", layer), keep_resid))

@@ -32,18 +32,21 @@ def naive(model, prompt, label_ids):
     out = {
         "logits": logits[0, prompt.spans.predict_pos, label_ids],
         "attn_out": torch.stack(
-            [cache[B.hook_name("attn_out", l)][0, r] for l in range(d.n_layers)]
+            [cache[B.hook_name("attn_out", layer)][0, r] for layer in range(d.n_layers)]
         ),
         "query_scores": torch.stack(
-            [cache[B.hook_name("attn_scores", l)][0, :, r, q0 : r + 1] for l in range(d.n_layers)]
+            [
+                cache[B.hook_name("attn_scores", layer)][0, :, r, q0 : r + 1]
+                for layer in range(d.n_layers)
+            ]
         ),
         "demo_scores": torch.stack(
-            [cache[B.hook_name("attn_scores", l)][0, :, r, demo] for l in range(d.n_layers)]
+            [cache[B.hook_name("attn_scores", layer)][0, :, r, demo] for layer in range(d.n_layers)]
         ),
         "q": torch.stack(
             [
-                cache[B.hook_name("q", l)][0, r].flatten() / B.attn_scale(model, l) ** 0.5
-                for l in range(d.n_layers)
+                cache[B.hook_name("q", layer)][0, r].flatten() / B.attn_scale(model, layer) ** 0.5
+                for layer in range(d.n_layers)
             ]
         ),
     }
