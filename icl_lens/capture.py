@@ -127,9 +127,7 @@ def capture(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         chunks.append(
-            _run_batch(
-                model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache
-            )
+            _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache)
         )
         bar.update(len(batch))
     bar.close()
@@ -159,6 +157,13 @@ def capture(
 def _visible(scores: Tensor) -> Tensor:
     """Keys a score row can see: masked keys hold -inf (TL) or a huge negative (HF masks)."""
     return torch.isfinite(scores) & (scores > -1e30)
+
+
+def _pad_left(row: Tensor, n: int) -> Tensor:
+    """Prepend ``n`` masked (-inf) keys: positions a trimmed cache no longer holds."""
+    if n <= 0:
+        return row
+    return torch.nn.functional.pad(row, (n, 0), value=float("-inf"))
 
 
 @torch.no_grad()
@@ -205,7 +210,9 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
 
     def scores_hook(layer):
         def hook(t, hook):
-            row = t[rows, :, rec].float()  # [batch, head, key]; keys are absolute positions
+            # keys are the prefix (possibly trimmed to a sliding window by the cache) + new ones
+            offset = prefix_len + t.shape[2] - t.shape[3]
+            row = _pad_left(t[rows, :, rec].float(), offset)  # [batch, head, absolute key]
             for i in range(n):
                 s, e = q_start[i], q_end[i]
                 own = row[i, :, s:e]

@@ -107,3 +107,57 @@ def test_capture_rejects_bad_input(setup):
     mixed = [build_prompt(task, tok, evals[0], demos), build_prompt(task, tok, evals[1], demos[:2])]
     with pytest.raises(ValueError, match="same demonstrations"):
         capture(model, mixed, label_ids, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A random 3-layer Gemma-3 HF model (sliding windows, GQA, rotary) on TL 4's bridge."""
+    if B.BACKEND != "bridge":
+        pytest.skip("the HF-backed KV-cache path is TL 4's; TL 3 is covered by the toy")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = ToyTokenizer()
+    cfg = Gemma3TextConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=12,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+    )
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    hf.save_pretrained(path)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(str(path), hf_model=hf), tok
+
+
+def test_shared_prefix_on_hf_bridge_with_sliding_windows(tiny_gemma):
+    model, tok = tiny_gemma
+    task = toy_task(2)
+    demos, evals = toy_episode(seed=1, n_demos=6, n_eval=5, tokenizer=tok)
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    assert B.supports_prefix_cache(model)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    auto = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    assert auto.prefix_cached and not full.prefix_cached
+    assert torch.equal(full.preds, auto.preds)
+    for name in ("label_logits", "attn_out", "q", "query_scores", "demo_scores"):
+        diff = (getattr(full, name) - getattr(auto, name)).abs().max()
+        assert diff <= 1e-4, (name, float(diff))
+    assert torch.equal(full.demo_mask, auto.demo_mask)
+    # the sliding-window layers hide early demonstration tokens; the global layer sees all
+    assert not full.demo_mask[:, 0].all() and full.demo_mask[:, 2].all()
+    for i, p in enumerate(prompts):
+        ref = naive(model, p, label_ids)
+        torch.testing.assert_close(auto.attn_out[i], ref["attn_out"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(auto.label_logits[i], ref["logits"], atol=1e-4, rtol=0)
