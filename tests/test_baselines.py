@@ -1,0 +1,50 @@
+"""baselines: untrained copies and shuffled-label demonstrations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_lens import backend as B
+from icl_lens.baselines import shuffle_labels, untrained_copy
+from icl_lens.tasks import Example
+
+
+def test_untrained_copy_reinitialises_only_attention_and_mlp():
+    model = B.toy_model(2, 32, 4, 50, 64, seed=0, attn_only=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clone = untrained_copy(model, seed=1)
+    # the original is untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    redrawn = {id(p) for _, p in B.attention_parameters(clone)}
+    pairs = list(zip(model.parameters(), clone.parameters(), strict=True))
+    assert redrawn and len(redrawn) < len(pairs)
+    for orig, new in pairs:
+        same = torch.equal(orig.detach(), new.detach())
+        if id(new) in redrawn:
+            assert not same or float(orig.detach().abs().max()) == 0.0
+        else:
+            assert same, "embeddings, norms and unembedding must be kept"
+    tokens = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), clone(tokens))
+
+
+def test_untrained_copy_is_seeded_and_keeps_scale():
+    model = B.toy_model(seed=0)
+    a, b, c = untrained_copy(model, 3), untrained_copy(model, 3), untrained_copy(model, 4)
+    ka, kb, kc = B.kv_parameters(a)[0], B.kv_parameters(b)[0], B.kv_parameters(c)[0]
+    assert torch.equal(ka, kb) and not torch.equal(ka, kc)
+    orig = B.kv_parameters(model)[0]
+    assert float(ka.detach().std()) == pytest.approx(float(orig.detach().std()), rel=0.2)
+
+
+def test_shuffle_labels_permutes_and_keeps_counts():
+    demos = [Example(str(i), {"x": f"w{i}"}, i % 2) for i in range(10)]
+    shuffled = shuffle_labels(demos, seed=0)
+    assert [d.fields for d in shuffled] == [d.fields for d in demos]
+    assert sorted(d.label for d in shuffled) == sorted(d.label for d in demos)
+    assert [d.label for d in shuffled] != [d.label for d in demos]
+    assert shuffle_labels(demos, 0) == shuffled
+    with pytest.raises(ValueError, match="two labels"):
+        shuffle_labels([Example("0", {"x": "w"}, 1)] * 3, seed=0)
