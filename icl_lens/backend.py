@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,6 +81,9 @@ def dims(model: nn.Module) -> ModelDims:
         windows = [int(window) if t == "local" else None for t in attn_types]
     elif getattr(cfg, "use_local_attn", False) and window:
         windows = [int(window)] * n_layers
+    elif is_bridge(model):  # TL 4's bridge config omits them: read the HF config
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+        windows = list(_hf_windows(hf_config, n_layers))
     return ModelDims(
         n_layers=n_layers,
         n_heads=int(cfg.n_heads),
@@ -92,6 +95,22 @@ def dims(model: nn.Module) -> ModelDims:
         positional=str(getattr(cfg, "positional_embedding_type", "standard") or "standard"),
         windows=tuple(windows),
     )
+
+
+def _hf_windows(hf_config: object, n_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows from an HF config (``layer_types`` + ``sliding_window``)."""
+
+    def get(key: str) -> object:
+        try:  # transformers >= 5.15 per-layer configs may raise on some global reads
+            return getattr(hf_config, key, None)
+        except Exception:
+            return None
+
+    layer_types = get("layer_types")
+    window = get("sliding_window")
+    if not layer_types or not window:
+        return (None,) * n_layers
+    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
 
 
 # --------------------------------------------------------------------------- toy models
@@ -321,6 +340,117 @@ def attn_scale(model: nn.Module, layer: int) -> float:
     return float(model.cfg.d_head) ** 0.5
 
 
+# ---- attention weights (dual form)
+
+
+def attn_weights(model: nn.Module, layer: int) -> dict[str, Tensor]:
+    """``W_Q/W_K/W_V`` [head, d_model, d_head], ``W_O`` [head, d_head, d_model], biases in TL 3
+    layout (K/V with ``n_kv_heads`` heads), from either backend. Differentiable views; a missing
+    bias is zeros. Used by icl_lens.dual to check that hook_k/hook_v are ``W_K x``/``W_V x``."""
+    d = dims(model)
+    attn = model.blocks[layer].attn
+    if not is_bridge(model):
+        names = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
+        gqa = hasattr(attn, "_W_K")  # TL 3 GQA: un-repeated K/V leaves behind properties
+        out = {n: getattr(attn, "_" + n if gqa and n[-1] in "KV" else n, None) for n in names}
+        return {n: _zero_bias(t, out, n, d) for n, t in out.items()}
+    out = {}
+    for proj, heads in (("q", d.n_heads), ("k", d.n_kv_heads), ("v", d.n_kv_heads)):
+        lin = getattr(attn, proj, None)
+        if lin is None or getattr(lin, "weight", None) is None:
+            raise NotImplementedError(f"blocks.{layer}.attn has no split '{proj}' projection")
+        out[f"W_{proj.upper()}"] = einops.rearrange(lin.weight, "(h e) m -> h m e", h=heads)
+        bias = getattr(lin, "bias", None)
+        out[f"b_{proj.upper()}"] = (
+            einops.rearrange(bias, "(h e) -> h e", h=heads) if bias is not None else None
+        )
+    o = attn.o
+    out["W_O"] = einops.rearrange(o.weight, "m (h e) -> h e m", h=d.n_heads)
+    out["b_O"] = getattr(o, "bias", None)
+    return {n: _zero_bias(t, out, n, d) for n, t in out.items()}
+
+
+def _zero_bias(t: Tensor | None, out: dict, name: str, d: ModelDims) -> Tensor:
+    if t is not None:
+        return t
+    ref = out["W_Q"]
+    if name == "b_O":
+        return ref.new_zeros(d.d_model)
+    return ref.new_zeros(out["W_" + name[-1]].shape[0], d.d_head)
+
+
+def attn_input_hook(model: nn.Module, layer: int) -> str:
+    """The hook holding ``layer``'s attention input (the normed residual that W_Q/K/V read)."""
+    if getattr(model.cfg, "normalization_type", None) is None:
+        return hook_name("resid_pre", layer)
+    sub = "hook_out" if is_bridge(model) else "hook_normalized"
+    return f"blocks.{layer}.ln1.{sub}"
+
+
+def attended_qk(model: nn.Module, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``hook_q``/``hook_k`` [batch, pos, head, d_head] rotated as attention scores them.
+
+    For rotary models whose ``hook_rot_q/k`` do not fire (TL 4 native bridges); positions are
+    0..pos-1 (no KV cache). Standard positions: returned unchanged.
+    """
+    if dims(model).positional != "rotary":
+        return q, k
+    inner = getattr(model.blocks[layer].attn, "original_component", None)
+    rotary = getattr(inner, "rotary", None)
+    if rotary is None or not hasattr(rotary, "apply_rope"):
+        raise NotImplementedError(
+            f"blocks.{layer}: rotary keys are not exposed (no hook_rot_k, no native rotary); "
+            "the dual form needs the keys attention uses"
+        )
+    q_rot, k_rot = rotary.apply_rope(q.transpose(1, 2), k.transpose(1, 2))
+    return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
+
+
+def _native_attention(model: nn.Module, layer: int) -> nn.Module | None:
+    """TL 4's own attention module for ``boot_native`` toys, else None."""
+    if not is_bridge(model):
+        return None
+    inner = getattr(model.blocks[layer].attn, "original_component", None)
+    return inner if type(inner).__name__ == "NativeAttention" else None
+
+
+def attn_scores_hooks(
+    model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+) -> list[tuple[str, Callable]]:
+    """Forward hooks that call ``fn(scores)`` with layer's pre-softmax scores [batch, head, q, k].
+
+    Masked keys hold -inf (or a huge negative). TL 4.3's bridge fires ``hook_attn_scores``
+    with the post-softmax pattern for its native toys, so there the scores are rebuilt from
+    ``hook_q``/``hook_k`` with the module's own rotary, scale and soft-cap (exactly what it
+    computes before its softmax).
+    """
+    native = _native_attention(model, layer)
+    if native is None:
+        return [(hook_name("attn_scores", layer), lambda t, hook: fn(t))]
+    store: dict[str, Tensor] = {}
+
+    def keep_q(t: Tensor, hook: object) -> None:
+        store["q"] = t
+
+    def on_k(t: Tensor, hook: object) -> None:
+        q = store.pop("q").transpose(1, 2)  # [batch, head, pos, d_head]
+        k = t.transpose(1, 2)
+        if native.rotary is not None:
+            q, k = native.rotary.apply_rope(q, k)
+        if native.kv_repeats > 1:
+            k = k.repeat_interleave(native.kv_repeats, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / native.scale
+        if native.attn_scores_soft_cap > 0:
+            cap = native.attn_scores_soft_cap
+            scores = cap * torch.tanh(scores / cap)
+        seq = scores.shape[-1]
+        if native.causal:
+            scores = scores.masked_fill(native.causal_mask[:seq, :seq], float("-inf"))
+        fn(scores)
+
+    return [(hook_name("q", layer), keep_q), (hook_name("k", layer), on_k)]
+
+
 # --------------------------------------------------------------------------- prefix KV cache
 
 
@@ -533,24 +663,241 @@ def tl_version_info() -> dict[str, str]:
     return {"transformer_lens": TL_VERSION, "backend": BACKEND, "torch": torch.__version__}
 
 
+# --------------------------------------------------------------------------- loading
+# TL-version-specific model building, used by ``icl_lens.models``. ``processing``:
+#   "default": what the installed TL's own loader does (TL 3 from_pretrained: fold_ln,
+#              center_writing_weights, center_unembed, fold_value_biases; TL 4
+#              boot_transformers: raw HF weights);
+#   "none":    raw weights on both (TL 3 from_pretrained_no_processing);
+#   "fold":    HookedTransformer-style processing on both (TL 4: enable_compatibility_mode()).
+
+PROCESSING = ("default", "none", "fold")
+_TL3_CFG_FILE = "tl_config.json"
+_TL3_WEIGHTS_FILE = "model.safetensors"
+
+
+def _check_processing(processing: str) -> bool:
+    """Validate ``processing``; return whether weights get folded on this backend."""
+    if processing not in PROCESSING:
+        raise ValueError(f"processing={processing!r}; choose one of {PROCESSING}")
+    return processing == "fold" or (processing == "default" and BACKEND == "hooked")
+
+
+def _tl3_fold_flags(cfg: object, fold: bool) -> dict[str, bool]:
+    """The ``load_and_process_state_dict`` flags ``from_pretrained`` would use."""
+    softcap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return dict(
+        fold_ln=fold,
+        center_writing_weights=fold,
+        center_unembed=fold and softcap <= 0,
+        fold_value_biases=fold,
+    )
+
+
+def build_from_hf(
+    hf_model: nn.Module,
+    tokenizer: object,
+    tl_name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    processing: str = "default",
+) -> nn.Module:
+    """Wrap a loaded HF causal LM in the installed TL's hooked class, without the hub.
+
+    ``tl_name``: the TL official name whose config TL should use (e.g. "google/gemma-3-270m"),
+    or a local HF checkpoint directory (its config.json is read; TL 3 supports only the
+    architectures its converters know).
+    """
+    fold = _check_processing(processing)
+    if getattr(hf_model.config, "quantization_config", None) is not None:
+        raise ValueError("hf_model is quantized; load it dequantized (no quantization_config)")
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    if BACKEND == "bridge":  # pragma: no cover - TL4 leg
+        model = TransformerBridge.boot_transformers(
+            tl_name, hf_model=hf_model.to(device), tokenizer=tokenizer, device=device, dtype=dtype
+        )
+        if fold:
+            model.enable_compatibility_mode(disable_warnings=True)
+        model.eval()
+        return model
+    return _tl3_build(hf_model, tokenizer, tl_name, device=device, dtype=dtype, fold=fold)
+
+
+def _tl3_build(
+    hf_model: nn.Module,
+    tokenizer: object,
+    tl_name: str,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    fold: bool,
+) -> nn.Module:
+    import tempfile
+    from pathlib import Path
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    hf_cfg = hf_model.config.to_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        name = tl_name
+        if Path(tl_name).is_dir():
+            # TL 3 picks some architectures by substrings of the name ("llama", "gemma"):
+            # hand it a neutrally named link to the directory instead.
+            name = str(Path(tmp) / "checkpoint")
+            Path(name).symlink_to(Path(tl_name).resolve(), target_is_directory=True)
+        cfg = loading.get_pretrained_model_config(
+            name, hf_cfg=hf_cfg, fold_ln=fold, device=str(device), dtype=dtype
+        )
+        state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
+    cfg.tokenizer_name = tl_name
+    _check_tl3_cfg(cfg, hf_model.config)
+    with torch.random.fork_rng(devices=[]):
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **_tl3_fold_flags(cfg, fold))
+    model.move_model_modules_to_device()
+    model.eval()
+    return model
+
+
+def _check_tl3_cfg(cfg: object, hf_config: object) -> None:
+    """Raise if a name-based TL 3 config disagrees with the HF model's own config."""
+    pairs = {
+        "n_layers": "num_hidden_layers",
+        "d_model": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "d_vocab": "vocab_size",
+    }
+    for tl_key, hf_key in pairs.items():
+        want = getattr(hf_config, hf_key, None)
+        if want is not None and getattr(cfg, tl_key) != want:
+            raise ValueError(f"TL config {tl_key}={getattr(cfg, tl_key)} but the model has {want}")
+    window = _hf_windows(hf_config, int(cfg.n_layers))
+    if any(w is not None for w in window):
+        tl = [int(cfg.window_size) if t == "local" else None for t in (cfg.attn_types or [])]
+        if tl != list(window) or not cfg.use_local_attn:
+            raise ValueError(f"TL sliding windows {tl} disagree with the model's {list(window)}")
+
+
+def load_tl_name(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    processing: str = "default",
+) -> nn.Module:
+    """Load a TL-supported model by name through TL's own loader (needs the HF hub)."""
+    fold = _check_processing(processing)
+    if BACKEND == "bridge":  # pragma: no cover - TL4 leg
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        if fold:
+            model.enable_compatibility_mode(disable_warnings=True)
+    else:
+        loader = HookedTransformer.from_pretrained
+        if not fold:
+            loader = HookedTransformer.from_pretrained_no_processing
+        model = loader(name, device=str(device), dtype=dtype)
+    model.eval()
+    return model
+
+
+def is_tl_name(name: str) -> bool:
+    """Whether ``name`` is a model name (or alias) the installed TL knows."""
+    from transformer_lens import supported_models
+
+    try:
+        supported_models.get_official_model_name(name)
+        return True
+    except ValueError:
+        pass
+    if BACKEND == "bridge":  # pragma: no cover - TL4 leg
+        try:
+            from transformer_lens.tools.model_registry.api import is_model_supported
+
+            return bool(is_model_supported(name))
+        except Exception:  # registry data missing: be conservative
+            return False
+    return False
+
+
+def save_converted(model: nn.Module, directory: str) -> list[str]:
+    """TL 3: write a built model's (processed) weights and config; returns the file names.
+
+    TL 4 bridges wrap the HF module itself, so their cache is the HF checkpoint.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if is_bridge(model):
+        raise NotImplementedError("TransformerBridge models are cached as HF checkpoints")
+    cfg = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in model.cfg.to_dict().items()}
+    cfg.pop("device", None)
+    state = {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith(("IGNORE", ".mask"))
+    }
+    save_file(state, str(Path(directory) / _TL3_WEIGHTS_FILE))
+    (Path(directory) / _TL3_CFG_FILE).write_text(json.dumps(cfg, default=str, indent=1))
+    return [_TL3_WEIGHTS_FILE, _TL3_CFG_FILE]
+
+
+def load_converted(
+    directory: str,
+    tokenizer: object,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """TL 3: rebuild a model written by ``save_converted`` (no processing is re-run)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cfg_dict = json.loads((Path(directory) / _TL3_CFG_FILE).read_text())
+    cfg_dict.update(dtype=dtype, device=str(device), init_weights=False)
+    cfg_dict["tokenizer_name"] = None
+    cfg = HookedTransformerConfig.from_dict(cfg_dict)
+    with torch.random.fork_rng(devices=[]):
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    state = load_file(str(Path(directory) / _TL3_WEIGHTS_FILE), device=str(device))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("IGNORE", ".mask"))]
+    if missing or unexpected:
+        raise ValueError(f"cached weights mismatch: missing={missing[:3]} extra={unexpected[:3]}")
+    model.eval()
+    return model
+
+
 __all__ = [
     "BACKEND",
     "NATIVE_CLASS",
     "TL_MAJOR",
     "TL_VERSION",
     "ModelDims",
+    "PROCESSING",
     "attention_parameters",
+    "build_from_hf",
     "canonical_hook_name",
     "check_model",
     "dims",
     "final_norm_hook_name",
     "hook_name",
     "is_bridge",
+    "is_tl_name",
     "kv_parameters",
+    "load_converted",
     "load_neutral_state_dict",
+    "load_tl_name",
     "named_kv_parameters",
     "neutral_state_dict",
     "run_until",
+    "save_converted",
     "stop_after",
     "tl_version_info",
     "toy_model",

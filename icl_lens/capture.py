@@ -209,7 +209,7 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
         return hook
 
     def scores_hook(layer):
-        def hook(t, hook):
+        def hook(t):
             # keys are the prefix (possibly trimmed to a sliding window by the cache) + new ones
             offset = prefix_len + t.shape[2] - t.shape[3]
             row = _pad_left(t[rows, :, rec].float(), offset)  # [batch, head, absolute key]
@@ -236,8 +236,8 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
         hooks += [
             (B.hook_name("attn_out", layer), attn_out_hook(layer)),
             (B.hook_name("q", layer), q_hook(layer)),
-            (B.hook_name("attn_scores", layer), scores_hook(layer)),
         ]
+        hooks += B.attn_scores_hooks(model, layer, scores_hook(layer))
     stop = B.final_norm_hook_name(model)
     hooks.append((stop, final_hook))
     tokens, mask = tokens.to(device), mask.to(device)

@@ -20,11 +20,30 @@ def setup():
     return model, tok, task, demos, evals
 
 
+def naive_scores(model, cache, layer):
+    """Pre-softmax scores by hand, q.k/scale from hook_q/hook_k (absolute-position toys);
+    rotary models use hook_attn_scores, which is genuine on HF-backed bridges and TL 3."""
+    if B.dims(model).positional == "rotary":
+        return cache[B.hook_name("attn_scores", layer)]
+    q, k = cache[B.hook_name("q", layer)], cache[B.hook_name("k", layer)]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / B.attn_scale(model, layer)
+    n = scores.shape[-1]
+    return scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+
+
+class _Cache(dict):
+    def __init__(self, model, cache):
+        super().__init__({k: cache[k] for k in cache.keys()})
+        for layer in range(B.dims(model).n_layers):
+            self[B.hook_name("attn_scores", layer)] = naive_scores(model, cache, layer)
+
+
 def naive(model, prompt, label_ids):
     """Per example: full prompt, full-vocabulary logits, full activation cache."""
     tokens = torch.tensor([prompt.tokens])
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens)
+        logits, raw = model.run_with_cache(tokens)
+    cache = _Cache(model, raw)
     d = B.dims(model)
     r = prompt.spans.record_pos
     q0 = prompt.spans.query[0]
@@ -161,3 +180,23 @@ def test_shared_prefix_on_hf_bridge_with_sliding_windows(tiny_gemma):
         ref = naive(model, p, label_ids)
         torch.testing.assert_close(auto.attn_out[i], ref["attn_out"], atol=1e-4, rtol=0)
         torch.testing.assert_close(auto.label_logits[i], ref["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
+def test_captured_scores_softmax_to_the_pattern(positional):
+    """The scores capture keeps are pre-softmax: their softmax is the model's own pattern."""
+    model = B.toy_model(2, 32, 4, 50, 64, seed=5, positional_embedding_type=positional)
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    got, pattern = {}, {}
+    hooks = []
+    for layer in range(2):
+        hooks += B.attn_scores_hooks(model, layer, lambda t, layer=layer: got.update({layer: t}))
+        hooks.append(
+            (B.hook_name("pattern", layer), lambda t, hook, layer=layer: pattern.update({layer: t}))
+        )
+    with torch.no_grad():
+        B.run_until(model, tokens, hooks)
+    for layer in range(2):
+        assert got[layer].shape == (2, 4, 9, 9)
+        assert (got[layer] < 0).any(), "scores, not probabilities"
+        torch.testing.assert_close(got[layer].softmax(-1), pattern[layer], atol=1e-6, rtol=0)

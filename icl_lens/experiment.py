@@ -1,0 +1,480 @@
+"""ZS / ICL / FT on one task, every metric beside its baselines, resumable per (task, seed).
+
+``run_experiment(model, task)`` follows the reference protocol (DESIGN §2): the same
+demonstrations for every query, FT on those demonstrations in ICL order, activations at the
+recorded position. Beside each similarity it reports the controls that make it meaningful:
+random vectors (uniform as in the paper, and Gaussian), the shared-origin null, the parts
+orthogonal to ZS, an untrained model, FT on shuffled labels, layer-causal FT, and the
+similarities across the whole learning-rate grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import icl_lens
+from icl_lens import backend as B
+from icl_lens import metrics as M
+from icl_lens.baselines import shuffle_labels, untrained_copy
+from icl_lens.capture import Records, capture
+from icl_lens.data import TaskData, load_task_data, sample_demos
+from icl_lens.finetune import finetuned
+from icl_lens.results import Results, RunResult, atomic_write_json
+from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task, label_token_ids
+
+log = logging.getLogger(__name__)
+
+ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines a run's numbers (recorded in every results file)."""
+
+    n_demos: int = 32
+    n_eval: int = 500
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lr: float | None = None  # None: choose on a held-out slice from lr_grid
+    lr_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    n_heldout: int = 64
+    ft_mode: str = "standard"
+    baselines: tuple[str, ...] = ALL_BASELINES
+    record: str = "label"
+    balanced_demos: bool = False
+    batch_size: int = 8
+    n_boot: int = 1000
+    kendall_examples: int | None = 100  # the reference averages Kendall over the first 100
+    lr_sensitivity: bool = True
+    dual: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.baselines) - set(ALL_BASELINES)
+        if unknown:
+            raise ValueError(f"unknown baselines {sorted(unknown)}; known: {ALL_BASELINES}")
+        if self.n_demos < 1:
+            raise ValueError(
+                "n_demos must be >= 1: with no demonstrations ICL equals ZS, the update is zero "
+                "and every similarity is undefined"
+            )
+        if self.lr is None and not self.lr_grid:
+            raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
+
+    def key(self) -> str:
+        """A short hash of the config, to refuse resuming a run made with other settings."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_experiment(
+    model: nn.Module,
+    task: str | TaskSpec,
+    n_demos: int = 32,
+    n_eval: int = 500,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    data: TaskData | None = None,
+    source: str = "staicc",
+    tokenizer: Any = None,
+    model_name: str | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> Results:
+    """Run ZS, ICL and FT on ``task`` for each seed and compute every metric and baseline.
+
+    ``config`` sets ``ExperimentConfig`` fields (``lr``, ``lr_grid``, ``baselines``, ``record``,
+    ...). With ``out_dir``, each (task, seed) is written to ``out_dir/<task>/seed<k>.json`` as
+    soon as it finishes and skipped on the next call, so a killed run resumes.
+    """
+    B.check_model(model)
+    cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds), **config)
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the model has no tokenizer; pass tokenizer=...")
+    spec = get_task(task) if data is None else data.task
+    if data is None:
+        data = load_task_data(spec, source=source)
+    name = model_name or _model_name(model)
+    runs = []
+    for seed in tqdm(cfg.seeds, desc=f"{spec.name} seeds", disable=not progress):
+        path = Path(out_dir) / spec.name / f"seed{seed}.json" if out_dir else None
+        done = _load_done(path, cfg)
+        if done is not None:
+            runs.append(done)
+            continue
+        run = _run_seed(model, data, tok, seed, cfg, name, progress)
+        if path is not None:
+            atomic_write_json(path, run.to_json())
+        runs.append(run)
+    return Results(runs)
+
+
+def _model_name(model: nn.Module) -> str:
+    prov = getattr(model, "icl_lens_provenance", None)
+    if isinstance(prov, dict) and prov.get("name"):
+        return str(prov["name"])
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def _load_done(path: Path | None, cfg: ExperimentConfig) -> RunResult | None:
+    """A finished run file made with the same config, else None (corrupt files are redone)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        run = Results.load(path).runs[0]
+    except (ValueError, KeyError, OSError) as e:
+        log.warning("ignoring unreadable %s (%s); recomputing it", path, e)
+        return None
+    if run.provenance.get("config_key") != cfg.key():
+        log.warning("%s was made with other settings; recomputing it", path)
+        return None
+    return run
+
+
+# --------------------------------------------------------------------------- one seed
+
+
+@dataclass
+class _Ctx:
+    """What one seed's run accumulates."""
+
+    task: str
+    model: str
+    seed: int
+    cfg: ExperimentConfig
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, metric, variant, value, *, kind="result", layer="mean", ci=(None, None), n=None,
+            lr=None) -> None:  # fmt: skip
+        self.rows.append(
+            {
+                "task": self.task,
+                "model": self.model,
+                "seed": self.seed,
+                "metric": metric,
+                "variant": variant,
+                "kind": kind,
+                "layer": str(layer),
+                "value": _f(value),
+                "ci_low": _f(ci[0]),
+                "ci_high": _f(ci[1]),
+                "n": None if n is None else int(n),
+                "lr": lr,
+            }
+        )
+
+    def add_layered(self, metric, variant, per_ex_layer: torch.Tensor, *, kind="result", lr=None):
+        """Per-layer means (over examples) and their mean, each with a bootstrap CI."""
+        x = per_ex_layer.double()
+        ok = ~torch.isnan(x)
+        n_layers = x.shape[1]
+        for layer in range(n_layers):
+            col = x[ok[:, layer], layer]
+            self._add_mean(metric, variant, col, kind, layer, lr)
+        # overall: per example, mean over its defined layers; then over examples
+        per_ex = torch.nanmean(x, dim=1)
+        per_ex = per_ex[~torch.isnan(per_ex)]
+        self._add_mean(metric, variant, per_ex, kind, "mean", lr)
+
+    def _add_mean(self, metric, variant, col, kind, layer, lr):
+        if col.numel() == 0:
+            self.add(metric, variant, None, kind=kind, layer=layer, n=0, lr=lr)
+            return
+        lo, hi = M.bootstrap_ci(col, n_boot=self.cfg.n_boot, seed=self.seed)
+        self.add(metric, variant, col.mean(), kind=kind, layer=layer, ci=(lo, hi),
+                 n=col.numel(), lr=lr)  # fmt: skip
+
+
+def _f(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return v if np.isfinite(v) else None
+
+
+def _run_seed(model, data: TaskData, tok, seed: int, cfg: ExperimentConfig, name: str, progress):
+    spec = data.task
+    d = B.dims(model)
+    label_ids = label_token_ids(spec, tok)
+    evals = data.eval[: cfg.n_eval]
+    if not evals:
+        raise ValueError(f"task {spec.name} has no evaluation examples; check the data source")
+    demos = sample_demos(data.demo_pool, cfg.n_demos, seed, balanced=cfg.balanced_demos)
+    fit = fit_demos(spec, tok, demos, evals, d.n_ctx)
+    demos = fit.demos
+    if not demos:
+        raise ValueError(f"no demonstration fits the context of {d.n_ctx} tokens")
+    ctx = _Ctx(spec.name, name, seed, cfg)
+    zs_prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in evals]
+    icl_prompts = [build_prompt(spec, tok, q, demos, record=cfg.record) for q in evals]
+
+    def run(m, prompts, cond):
+        return capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size, progress=progress)
+
+    stages = tqdm(total=6, desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
+    zs, icl = run(model, zs_prompts, "zs"), run(model, icl_prompts, "icl")
+    stages.update(1)
+
+    lr, heldout = _choose_lr(model, spec, tok, data, demos, label_ids, seed, cfg, progress)
+    stages.update(1)
+    grid = sorted(set(cfg.lr_grid) | {lr}) if cfg.lr_sensitivity else [lr]
+    ft_by_lr: dict[float, Records] = {}
+    ft_state = None
+    for g in grid:
+        with finetuned(model, demos, g, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
+            ft_by_lr[g] = run(model, zs_prompts, "ft")
+            if g == lr:
+                ft_state = st
+    ft = ft_by_lr[lr]
+    stages.update(1)
+
+    _classification(ctx, zs, icl, ft, spec.n_labels)
+    _similarities(ctx, zs, icl, ft, ft_state, "ft", lr)
+    _random_baselines(ctx, zs, icl, seed)
+    if cfg.lr_sensitivity:
+        for g, rec in ft_by_lr.items():
+            _sensitivity(ctx, zs, icl, rec, g)
+
+    extra: dict[str, Records] = {}
+    if "layer_causal" in cfg.baselines:
+        with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
+            extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
+        _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
+    if "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1:
+        shuffled = shuffle_labels(demos, seed)
+        with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
+            extra["ft_shuffled"] = run(model, zs_prompts, "ft")
+        _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
+    for variant, rec in extra.items():
+        ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
+                n=len(rec), lr=lr)  # fmt: skip
+    stages.update(1)
+
+    if "untrained" in cfg.baselines:
+        _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run)
+    stages.update(1)
+    if cfg.dual:
+        _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok)
+    stages.update(1)
+    stages.close()
+
+    ctx.diagnostics.update(
+        {
+            "label_distribution": {
+                c: M.label_distribution(r.preds, spec.n_labels).tolist()
+                for c, r in {"zs": zs, "icl": icl, "ft": ft, **extra}.items()
+            },
+            "visible_demo_tokens_per_layer": icl.demo_mask.sum(-1).float().mean(0).tolist(),
+            "n_demo_tokens": int(icl.demo_mask.shape[-1]),
+            "sliding_windows": list(d.windows),
+            "ft_losses": ft_state.losses if ft_state else [],
+            "prefix_cached": icl.prefix_cached,
+        }
+    )
+    for layer, v in enumerate(ctx.diagnostics["visible_demo_tokens_per_layer"]):
+        ctx.add("visible_demo_tokens", "icl", v, kind="diagnostic", layer=layer)
+    provenance = _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout)
+    return RunResult(spec.name, seed, ctx.rows, provenance, ctx.diagnostics)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _choose_lr(model, spec, tok, data, demos, label_ids, seed, cfg, progress):
+    """The grid learning rate with the best FT accuracy on a held-out slice of the demo pool.
+
+    The slice is disjoint from the evaluation set (a different pool) and from the chosen
+    demonstrations; ties go to the smaller rate. Returns (lr, record for provenance).
+    """
+    if cfg.lr is not None:
+        return float(cfg.lr), {"chosen_by": "user", "lr": float(cfg.lr)}
+    used = {x.id for x in demos}
+    rest = [x for x in data.demo_pool if x.id not in used]
+    order = np.random.default_rng(10_000 + seed).permutation(len(rest))
+    held = [rest[i] for i in order[: cfg.n_heldout]]
+    if not held:
+        raise ValueError("no held-out examples left to choose the learning rate; pass lr=...")
+    prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in held]
+    labels = torch.tensor([q.label for q in held])
+    accs: dict[float, float] = {}
+    for g in sorted(cfg.lr_grid):
+        with finetuned(model, demos, g, task=spec, tokenizer=tok, mode=cfg.ft_mode):
+            rec = capture(model, prompts, label_ids, "ft", batch_size=cfg.batch_size,
+                          progress=False)  # fmt: skip
+        accs[g] = M.accuracy(rec.preds, labels)
+    best = max(accs.values())
+    lr = min(g for g, a in accs.items() if a == best)
+    return lr, {
+        "chosen_by": "heldout_accuracy",
+        "lr": lr,
+        "heldout_accuracy": {repr(g): a for g, a in accs.items()},
+        "heldout_ids": [x.id for x in held],
+    }
+
+
+def _classification(ctx: _Ctx, zs: Records, icl: Records, ft: Records, n_labels: int) -> None:
+    for variant, rec in (("zs", zs), ("icl", icl), ("ft", ft)):
+        correct = (rec.preds == rec.labels).double()
+        lo, hi = M.bootstrap_ci(correct, n_boot=ctx.cfg.n_boot, seed=ctx.seed)
+        ctx.add("accuracy", variant, correct.mean(), ci=(lo, hi), n=len(rec))
+    r2 = M.rec2ftp(zs.preds, icl.preds, ft.preds, zs.labels, n_labels, on_undefined="nan")
+    denom = (zs.preds != zs.labels) & (ft.preds == ft.labels)
+    icl_right = (icl.preds == icl.labels)[denom].double() * 100
+    ci = M.bootstrap_ci(icl_right, n_boot=ctx.cfg.n_boot, seed=ctx.seed) if len(icl_right) else (
+        None, None)  # fmt: skip
+    ctx.add("rec2ftp", "ft", r2.value, ci=ci, n=r2.n_zs_wrong_ft_right)
+    ctx.add("rec2ftp", "chance", r2.chance, kind="baseline", n=r2.n_zs_wrong_ft_right)
+    ca = M.change_agreement(zs.preds, icl.preds, ft.preds, on_undefined="nan")
+    ctx.add("change_agreement", "ft", ca.value, n=ca.n_denominator)
+    ctx.diagnostics["rec2ftp_counts"] = {
+        "zs_wrong_ft_right": r2.n_zs_wrong_ft_right,
+        "also_icl_right": r2.n_also_icl_right,
+    }
+    ctx.diagnostics["change_agreement_counts"] = {
+        "icl_changed": ca.n_icl_changed,
+        "ft_changed": ca.n_ft_changed,
+        "same": ca.n_same,
+    }
+
+
+def _qmask(rec: Records):
+    return rec.query_mask.unsqueeze(2).expand_as(rec.query_scores)
+
+
+def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: str, lr) -> None:
+    """SimAOU (+orthogonal, +null), SimAM before/after (+centred), SimAM_delta, Kendall."""
+    kind = "result" if variant == "ft" else "baseline"
+    nan = {"on_undefined": "nan"}
+    ctx.add_layered("simaou", variant, M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+                    kind=kind, lr=lr)  # fmt: skip
+    ctx.add_layered("simaou_orthogonal", variant,
+                    M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+                    kind=kind, lr=lr)  # fmt: skip
+    ctx.add_layered("simaou_null", variant,
+                    M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+                    kind="baseline", lr=lr)  # fmt: skip
+    mask = _qmask(icl) & _qmask(zs) & _qmask(ft)
+    for centered in (False, True):
+        suffix = "_centered" if centered else ""
+        before = M.simam(icl.query_scores, zs.query_scores, mask, centered=centered, **nan)
+        after = M.simam(icl.query_scores, ft.query_scores, mask, centered=centered, **nan)
+        if variant == "ft":
+            ctx.add_layered(f"simam_before{suffix}", "icl_vs_zs", before, lr=lr)
+        ctx.add_layered(f"simam_after{suffix}", variant, after, kind=kind, lr=lr)
+        delta = M.simam_delta(zs.query_scores, icl.query_scores, ft.query_scores, mask,
+                              centered=centered, **nan)  # fmt: skip
+        ctx.add_layered(f"simam_delta{suffix}", variant, delta, kind=kind, lr=lr)
+    if state is not None and state.train_q is not None and icl.demo_scores.shape[-1]:
+        k = ctx.cfg.kendall_examples or len(icl)
+        kd = M.kendall_icl_ft(icl.demo_scores[:k], ft.q[:k], state.train_q, icl.demo_of_token,
+                              icl.demo_mask[:k], **nan)  # fmt: skip
+        ctx.add_layered("kendall_token", variant, kd.token, kind=kind, lr=lr)
+        if kd.example is not None:
+            ctx.add_layered("kendall_example", variant, kd.example, kind=kind, lr=lr)
+
+
+def _random_baselines(ctx: _Ctx, zs: Records, icl: Records, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    nan = {"on_undefined": "nan"}
+    d = icl.attn_out
+    if "uniform" in ctx.cfg.baselines:
+        u = M.uniform_random_like(d, gen)
+        ctx.add_layered("simaou", "uniform", M.simaou_random(zs.attn_out, d, u, **nan),
+                        kind="baseline")  # fmt: skip
+    if "gaussian" in ctx.cfg.baselines:
+        g = M.gaussian_random_like(d, gen)
+        ctx.add_layered("simaou", "gaussian", M.simaou_random(zs.attn_out, d, g, **nan),
+                        kind="baseline")  # fmt: skip
+    if icl.demo_scores.shape[-1]:
+        k = ctx.cfg.kendall_examples or len(icl)
+        kd = M.kendall_random_baseline(icl.demo_scores[:k], icl.demo_of_token, icl.demo_mask[:k],
+                                       generator=gen, **nan)  # fmt: skip
+        ctx.add_layered("kendall_token", "uniform", kd.token, kind="baseline")
+        if kd.example is not None:
+            ctx.add_layered("kendall_example", "uniform", kd.example, kind="baseline")
+
+
+def _sensitivity(ctx: _Ctx, zs: Records, icl: Records, ft: Records, lr: float) -> None:
+    """The headline similarities at one grid learning rate (kind='lr_grid')."""
+    nan = {"on_undefined": "nan"}
+    variant = f"ft@{lr:g}"
+    per = {
+        "simaou": M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simaou_orthogonal": M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simaou_null": M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simam_after": M.simam(icl.query_scores, ft.query_scores, _qmask(icl) & _qmask(ft), **nan),
+    }
+    for metric, x in per.items():
+        v = torch.nanmean(torch.nanmean(x.double(), dim=1))
+        ctx.add(metric, variant, v, kind="lr_grid", lr=lr, n=x.shape[0])
+    ctx.add("accuracy", variant, M.accuracy(ft.preds, ft.labels), kind="lr_grid", lr=lr,
+            n=len(ft))  # fmt: skip
+
+
+def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run) -> None:
+    """The whole protocol on a copy with attention/MLP re-initialised (Deutch et al.)."""
+    base = untrained_copy(model, seed)
+    try:
+        zs, icl = run(base, zs_prompts, "zs"), run(base, icl_prompts, "icl")
+        with finetuned(base, demos, lr, task=spec, tokenizer=tok, mode=ctx.cfg.ft_mode) as st:
+            ft = run(base, zs_prompts, "ft")
+        _similarities(ctx, zs, icl, ft, st, "untrained", lr)
+        for variant, rec in (("untrained_zs", zs), ("untrained_icl", icl), ("untrained_ft", ft)):
+            ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
+                    n=len(rec))  # fmt: skip
+    finally:
+        del base
+
+
+def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
+    """ΔW_ICL vs ΔW_FT in the linear-attention relaxation (optional, see icl_lens.dual)."""
+    from icl_lens import dual
+
+    out = dual.dual_analysis(model, icl_prompts, zs_prompts, demos, lr, spec, tok)
+    for metric, per in out.items():
+        if isinstance(per, torch.Tensor) and per.ndim == 3:  # [example, layer, head]
+            kind = "result" if metric.endswith("ft") else "baseline"
+            ctx.add_layered(f"dual_{metric}", "dual", per.double().nanmean(-1), kind=kind, lr=lr)
+
+
+def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[str, Any]:
+    return {
+        "icl_lens": icl_lens.__version__,
+        **B.tl_version_info(),
+        "model": ctx.model,
+        "model_info": getattr(model, "icl_lens_provenance", None),
+        "task": ctx.task,
+        "template": data.task.template,
+        "label_words": list(data.task.label_words),
+        "data": data.provenance,
+        "seed": ctx.seed,
+        "demo_seed": ctx.seed,
+        "eval_ids": [x.id for x in evals],
+        "demo_ids": [x.id for x in demos],
+        "n_demos_requested": cfg.n_demos,
+        "n_demos_dropped_for_context": fit.n_dropped,
+        "longest_prompt_tokens": fit.longest,
+        "lr": lr,
+        "lr_selection": heldout,
+        "record_position": cfg.record,
+        "predict_position": "last query-input token (-2)",
+        "config": asdict(cfg),
+        "config_key": cfg.key(),
+    }
+
+
+def examples_from(items: Sequence[Example]) -> list[Example]:
+    """A defensive copy (so callers' lists are never mutated)."""
+    return list(items)

@@ -1,0 +1,198 @@
+"""``Results``: tidy rows of every metric, with provenance; JSON in, JSON out, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [
+    "task",
+    "model",
+    "seed",
+    "metric",
+    "variant",
+    "kind",
+    "layer",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "lr",
+]
+FORMAT = "icl-lens-results/1"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"cannot store {type(x).__name__} in a results file")
+
+
+def _clean_value(v: Any) -> Any:
+    """Floats for JSON: NaN/inf become None (JSON has neither)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@dataclass
+class RunResult:
+    """One (task, seed) run: its rows, diagnostics and provenance."""
+
+    task: str
+    seed: int
+    rows: list[dict[str, Any]]
+    provenance: dict[str, Any]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        rows = [{k: _clean_value(r.get(k)) for k in COLUMNS} for r in self.rows]
+        return {
+            "format": FORMAT,
+            "task": self.task,
+            "seed": self.seed,
+            "rows": rows,
+            "provenance": self.provenance,
+            "diagnostics": self.diagnostics,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RunResult:
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"not an icl-lens results file (format {obj.get('format')!r})")
+        return cls(
+            obj["task"], int(obj["seed"]), obj["rows"], obj["provenance"], obj["diagnostics"]
+        )
+
+
+class Results:
+    """All runs of an experiment. ``to_frame`` is tidy; ``summary`` is the paper-style table."""
+
+    def __init__(self, runs: Iterable[RunResult] = ()):
+        self.runs: list[RunResult] = list(runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __add__(self, other: Results) -> Results:
+        return Results([*self.runs, *other.runs])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (task, model, seed, metric, variant, layer) with its CI."""
+        rows = [r for run in self.runs for r in run.rows]
+        frame = pd.DataFrame(rows, columns=COLUMNS)
+        return frame.astype({"value": float, "ci_low": float, "ci_high": float})
+
+    def get(self, metric: str, variant: str, layer: str = "mean", task: str | None = None):
+        """Values of one metric/variant/layer, one per (task, seed)."""
+        f = self.to_frame()
+        sel = (f.metric == metric) & (f.variant == variant) & (f.layer.astype(str) == str(layer))
+        if task is not None:
+            sel &= f.task == task
+        return f[sel]
+
+    def summary(self) -> pd.DataFrame:
+        """Paper-style table: rows are tasks (mean over seeds), columns the headline numbers."""
+        return summary_table(self.to_frame())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "runs": [r.to_json() for r in self.runs]}
+
+    def save(self, path: str | Path) -> Path:
+        """Save all runs to one JSON file (atomically)."""
+        atomic_write_json(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Results:
+        """Load a file written by ``save``, a single run file, or a directory of run files."""
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.rglob("seed*.json"))
+            if not files:
+                raise FileNotFoundError(f"no run files (seed*.json) under {path}")
+            return cls(RunResult.from_json(_read(f)) for f in files)
+        obj = _read(path)
+        if "runs" in obj:
+            if obj.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an icl-lens results file")
+            return cls(RunResult.from_json(r) for r in obj["runs"])
+        return cls([RunResult.from_json(obj)])
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt ({e}); delete it to recompute that run") from e
+
+
+# (metric, variant, column) of the paper-style summary; values are means over seeds
+SUMMARY_COLUMNS = [
+    ("accuracy", "zs", "ZSL acc"),
+    ("accuracy", "ft", "FT acc"),
+    ("accuracy", "icl", "ICL acc"),
+    ("rec2ftp", "ft", "Rec2FTP"),
+    ("rec2ftp", "chance", "Rec2FTP chance"),
+    ("simaou", "ft", "SimAOU"),
+    ("simaou", "uniform", "SimAOU uniform"),
+    ("simaou", "gaussian", "SimAOU gaussian"),
+    ("simaou_null", "ft", "SimAOU null"),
+    ("simaou_orthogonal", "ft", "SimAOU orth"),
+    ("simaou", "untrained", "SimAOU untrained"),
+    ("simaou", "ft_shuffled", "SimAOU shuffled-FT"),
+    ("simaou", "ft_layer_causal", "SimAOU layer-causal"),
+    ("simam_before", "icl_vs_zs", "SimAM before"),
+    ("simam_after", "ft", "SimAM after"),
+    ("simam_delta", "ft", "SimAM delta"),
+    ("kendall_token", "ft", "Kendall"),
+    ("kendall_token", "uniform", "Kendall random"),
+    ("kendall_token", "untrained", "Kendall untrained"),
+]
+PERCENT = {"accuracy"}
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows are tasks, columns the paper's headline numbers beside their baselines.
+
+    Accuracies are in percent; similarities are means over layers, then over seeds. A column
+    whose metric was not run is left out.
+    """
+    overall = frame[frame.layer.astype(str) == "mean"]
+    out = {}
+    for metric, variant, column in SUMMARY_COLUMNS:
+        sel = overall[(overall.metric == metric) & (overall.variant == variant)]
+        if sel.empty:
+            continue
+        scale = 100.0 if metric in PERCENT else 1.0
+        out[column] = sel.groupby("task")["value"].mean() * scale
+    table = pd.DataFrame(out)
+    table["seeds"] = overall.groupby("task")["seed"].nunique()
+    table.index.name = "task"
+    return table

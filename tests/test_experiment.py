@@ -1,0 +1,161 @@
+"""experiment: invariants, the end-to-end run on the trained toy, resuming, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icl_lens import backend as B
+from icl_lens import experiment as E
+from icl_lens import metrics as M
+from icl_lens.capture import capture
+from icl_lens.data import TaskData
+from icl_lens.results import Results
+from icl_lens.tasks import build_prompt, label_token_ids
+from icl_lens.toy import ToyTokenizer, load_toy, toy_episode, toy_task
+
+
+def _layer0_rows(positional: str):
+    tok = ToyTokenizer()
+    task = toy_task(2)
+    model = B.toy_model(2, 32, 4, tok.vocab_size, 128, seed=0,
+                        positional_embedding_type=positional)  # fmt: skip
+    demos, evals = toy_episode(seed=2, n_demos=6, n_eval=4, tokenizer=tok)
+    ids = label_token_ids(task, tok)
+    zs = capture(model, [build_prompt(task, tok, q) for q in evals], ids, "zs", progress=False)
+    icl = capture(model, [build_prompt(task, tok, q, demos) for q in evals], ids, progress=False)
+    return zs, icl
+
+
+def test_rotary_layer0_rows_equal_so_simam_before_is_one():
+    """Rotary scores depend on relative positions only, and layer 0's inputs are the token
+    embeddings alone, so the query's own score rows cannot see that demonstrations came first."""
+    zs, icl = _layer0_rows("rotary")
+    assert (zs.query_scores[:, 0] - icl.query_scores[:, 0]).abs().max() < 1e-5
+    before = M.simam(icl.query_scores, zs.query_scores, icl.query_mask.unsqueeze(2))
+    assert torch.allclose(before[:, 0], torch.ones_like(before[:, 0]), atol=1e-6)
+    # layer 1 has mixed in the demonstrations, so there the rows differ
+    assert (zs.query_scores[:, 1] - icl.query_scores[:, 1]).abs().max() > 1e-3
+
+
+def test_absolute_positions_break_the_layer0_invariant():
+    """With learned absolute position embeddings, the query's tokens sit at later positions
+    when demonstrations precede them, so their layer-0 inputs (token + position embedding),
+    hence their q/k and scores, change even though no demonstration was attended to."""
+    zs, icl = _layer0_rows("standard")
+    assert (zs.query_scores[:, 0] - icl.query_scores[:, 0]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def toy_setup():
+    model, tok, task = load_toy()
+    pool, evals = toy_episode(seed=0, n_demos=24, n_eval=48, tokenizer=tok)
+    data = TaskData(task, evals, pool, "toy", {"source": "toy_episode", "seed": 0})
+    return model, tok, data
+
+
+FAST = dict(n_demos=12, n_eval=48, seeds=(0,), lr_grid=(0.01, 0.1, 1.0), n_heldout=8,
+            n_boot=200, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy_results(toy_setup):
+    model, tok, data = toy_setup
+    return E.run_experiment(model, data.task, data=data, tokenizer=tok, **FAST)
+
+
+EXPECTED = {
+    ("accuracy", "zs"), ("accuracy", "icl"), ("accuracy", "ft"),
+    ("rec2ftp", "ft"), ("rec2ftp", "chance"), ("change_agreement", "ft"),
+    ("simaou", "ft"), ("simaou", "uniform"), ("simaou", "gaussian"), ("simaou", "untrained"),
+    ("simaou", "ft_shuffled"), ("simaou", "ft_layer_causal"),
+    ("simaou_null", "ft"), ("simaou_orthogonal", "ft"),
+    ("simam_before", "icl_vs_zs"), ("simam_after", "ft"), ("simam_before_centered", "icl_vs_zs"),
+    ("simam_after_centered", "ft"), ("simam_delta", "ft"),
+    ("kendall_token", "ft"), ("kendall_example", "ft"), ("kendall_token", "uniform"),
+    ("kendall_token", "untrained"),
+}  # fmt: skip
+
+
+def test_every_metric_and_baseline_present_and_finite(toy_results):
+    f = toy_results.to_frame()
+    overall = f[f.layer == "mean"]
+    have = set(zip(overall.metric, overall.variant, strict=True))
+    assert EXPECTED <= have, EXPECTED - have
+    for metric, variant in EXPECTED:
+        row = overall[(overall.metric == metric) & (overall.variant == variant)].iloc[0]
+        assert row.value == row.value and abs(row.value) < 1e6, (metric, variant, row.value)
+        if metric != "rec2ftp" or variant == "ft":
+            if row.ci_low == row.ci_low:  # CIs exist for estimated means
+                assert row.ci_low - 1e-9 <= row.value <= row.ci_high + 1e-9, (metric, variant)
+    with_ci = overall[overall.ci_low.notna()]
+    assert len(with_ci) >= 15
+    # per-layer rows exist for the layered metrics
+    n_layers = B.dims(load_toy()[0]).n_layers
+    simaou_layers = f[(f.metric == "simaou") & (f.variant == "ft") & (f.layer != "mean")]
+    assert len(simaou_layers) == n_layers
+
+
+def test_trained_toy_learns_in_context(toy_results):
+    acc = toy_results.summary().iloc[0]
+    assert acc["ICL acc"] > acc["ZSL acc"] + 20
+
+
+def test_summary_and_provenance(toy_results):
+    table = toy_results.summary()
+    assert list(table.index) == ["toy_icl"]
+    for col in ("ZSL acc", "FT acc", "ICL acc", "SimAOU", "SimAOU null", "SimAM before",
+                "SimAM after", "Kendall", "Kendall random"):  # fmt: skip
+        assert col in table.columns
+    prov = toy_results.runs[0].provenance
+    for key in ("model", "transformer_lens", "icl_lens", "data", "eval_ids", "demo_ids", "seed",
+                "lr", "record_position", "lr_selection"):  # fmt: skip
+        assert key in prov, key
+    assert len(prov["demo_ids"]) == 12 and len(prov["eval_ids"]) == 48
+    assert prov["lr"] in FAST["lr_grid"]
+    assert set(prov["lr_selection"]["heldout_ids"]).isdisjoint(prov["demo_ids"])
+    diag = toy_results.runs[0].diagnostics
+    assert set(diag["label_distribution"]) >= {"zs", "icl", "ft"}
+
+
+def test_save_load_roundtrip_and_determinism(toy_setup, toy_results, tmp_path):
+    model, tok, data = toy_setup
+    toy_results.save(tmp_path / "a.json")
+    again = E.run_experiment(model, data.task, data=data, tokenizer=tok, **FAST)
+    again.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    loaded = Results.load(tmp_path / "a.json")
+    assert loaded.to_frame().equals(toy_results.to_frame())
+
+
+def test_resumes_per_seed_and_redoes_bad_files(toy_setup, tmp_path, monkeypatch):
+    model, tok, data = toy_setup
+    kw = {**FAST, "baselines": (), "lr": 0.1, "lr_sensitivity": False}
+    first = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
+    path = tmp_path / "toy_icl" / "seed0.json"
+    assert path.exists()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(E, "_run_seed", boom)
+    resumed = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
+    assert resumed.to_frame().equals(first.to_frame())
+    monkeypatch.undo()
+    path.write_text("{ truncated")  # a corrupt file is recomputed, not crashed on
+    redone = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
+    assert redone.to_frame().equals(first.to_frame())
+    assert json.loads(path.read_text())["seed"] == 0
+
+
+def test_bad_configs(toy_setup):
+    model, tok, data = toy_setup
+    with pytest.raises(ValueError, match="n_demos must be >= 1"):
+        E.run_experiment(model, data.task, data=data, tokenizer=tok, n_demos=0)
+    with pytest.raises(ValueError, match="unknown baselines"):
+        E.run_experiment(model, data.task, data=data, tokenizer=tok, baselines=("vibes",))
+    empty = TaskData(data.task, [], data.demo_pool, "toy", {})
+    with pytest.raises(ValueError, match="no evaluation examples"):
+        E.run_experiment(model, data.task, data=empty, tokenizer=tok, **FAST)
