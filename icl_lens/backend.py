@@ -747,18 +747,97 @@ def _tl3_build(
             # hand it a neutrally named link to the directory instead.
             name = str(Path(tmp) / "checkpoint")
             Path(name).symlink_to(Path(tl_name).resolve(), target_is_directory=True)
-        cfg = loading.get_pretrained_model_config(
-            name, hf_cfg=hf_cfg, fold_ln=fold, device=str(device), dtype=dtype
-        )
+        if Path(tl_name).is_dir() and hf_cfg.get("model_type") == "gemma3_text":
+            cfg = _tl3_gemma3_config(hf_model.config, Path(tl_name).name, fold, device, dtype)
+        else:
+            cfg = loading.get_pretrained_model_config(
+                name, hf_cfg=hf_cfg, fold_ln=fold, device=str(device), dtype=dtype
+            )
         state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
     cfg.tokenizer_name = tl_name
+    if Path(tl_name).is_dir():
+        cfg.model_name = Path(tl_name).name
     _check_tl3_cfg(cfg, hf_model.config)
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **_tl3_fold_flags(cfg, fold))
+    _align_rotary_with_hf(model)
     model.move_model_modules_to_device()
     model.eval()
     return model
+
+
+def _align_rotary_with_hf(model: nn.Module) -> None:
+    """TL 3: recompute plain-RoPE sin/cos tables the way transformers does.
+
+    TL computes angles as ``pos / base**(2i/d)``, transformers as ``pos * (1 / base**(2i/d))``.
+    In fp32 the two differ by up to ~6e-5 in cos at position 1000, which alone moves
+    Gemma-3's log-probs by ~1e-3 there. Scaled RoPE variants (NTK, YaRN, factors) are left alone.
+    """
+    cfg = model.cfg
+    plain = (
+        cfg.positional_embedding_type == "rotary"
+        and not getattr(cfg, "use_NTK_by_parts_rope", False)
+        and not getattr(cfg, "use_yarn_rope", False)
+        and getattr(cfg, "rotary_scaling_factor", 1.0) in (None, 1.0)
+        and not getattr(cfg, "rotary_adjacent_pairs", False)
+    )
+    if not plain:
+        return
+    dim = int(cfg.rotary_dim)
+    for block in model.blocks:
+        attn = block.attn
+        cos = attn.rotary_cos
+        base = attn._rotary_base()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        angles = torch.arange(cos.shape[0]).float()[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1).to(cos.device)
+        with torch.no_grad():
+            attn.rotary_cos.copy_(angles.cos().to(cos.dtype))
+            attn.rotary_sin.copy_(angles.sin().to(cos.dtype))
+
+
+def _tl3_gemma3_config(
+    hf: object, name: str, fold: bool, device: str | torch.device, dtype: torch.dtype
+) -> object:
+    """TL 3 config of any Gemma-3 text checkpoint (TL 3 only knows them by official name)."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = loading.convert_hf_model_config("google/gemma-3-270m")  # TL's template, offline
+    rope = getattr(hf, "rope_parameters", None) or {}
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    if any(r.get("rope_type", "default") != "default" for r in (full, local)):
+        raise NotImplementedError("scaled-RoPE Gemma-3 checkpoints need TL 4 on icl-lens")
+    types = list(hf.layer_types)
+    cfg.update(
+        model_name=name,
+        d_model=hf.hidden_size,
+        d_head=hf.head_dim,
+        n_heads=hf.num_attention_heads,
+        n_key_value_heads=hf.num_key_value_heads,
+        d_mlp=hf.intermediate_size,
+        n_layers=hf.num_hidden_layers,
+        n_ctx=min(int(hf.max_position_embeddings), 8192),
+        eps=hf.rms_norm_eps,
+        d_vocab=hf.vocab_size,
+        act_fn=hf.hidden_activation,
+        rotary_base=full.get("rope_theta", cfg["rotary_base"]),
+        rotary_base_local=local.get("rope_theta", cfg["rotary_base_local"]),
+        attn_scale=float(hf.query_pre_attn_scalar) ** 0.5,
+        window_size=int(hf.sliding_window),
+        use_local_attn="sliding_attention" in types,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in types],
+        init_weights=False,
+        device=str(device),
+        dtype=dtype,
+        default_prepend_bos=True,
+        normalization_type="RMSPre" if fold else "RMS",
+    )
+    if getattr(hf, "attn_logit_softcapping", None):
+        cfg["attn_scores_soft_cap"] = float(hf.attn_logit_softcapping)
+    if getattr(hf, "final_logit_softcapping", None):
+        cfg["output_logits_soft_cap"] = float(hf.final_logit_softcapping)
+    return HookedTransformerConfig.from_dict(cfg)
 
 
 def _check_tl3_cfg(cfg: object, hf_config: object) -> None:
@@ -804,10 +883,12 @@ def load_tl_name(
 
 def is_tl_name(name: str) -> bool:
     """Whether ``name`` is a model name (or alias) the installed TL knows."""
-    from transformer_lens import supported_models
-
+    if BACKEND == "hooked":
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    else:  # pragma: no cover - TL4 leg
+        from transformer_lens.supported_models import get_official_model_name
     try:
-        supported_models.get_official_model_name(name)
+        get_official_model_name(name)
         return True
     except ValueError:
         pass
