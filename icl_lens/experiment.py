@@ -121,10 +121,18 @@ def run_experiment(
 
 
 def _model_name(model: nn.Module) -> str:
-    prov = getattr(model, "icl_lens_provenance", None)
-    if isinstance(prov, dict) and prov.get("name"):
-        return str(prov["name"])
-    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+    name = _model_info(model).get("name")
+    return str(name or getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+_VOLATILE = ("seconds", "cache", "device")
+
+
+def _model_info(model: nn.Module) -> dict[str, Any]:
+    """Model provenance without the parts that change between identical runs (load time...)."""
+    from icl_lens.models import model_info
+
+    return {k: v for k, v in model_info(model).items() if not any(m in k for m in _VOLATILE)}
 
 
 def _load_done(path: Path | None, cfg: ExperimentConfig) -> RunResult | None:
@@ -227,18 +235,25 @@ def _run_seed(model, data: TaskData, tok, seed: int, cfg: ExperimentConfig, name
     zs, icl = run(model, zs_prompts, "zs"), run(model, icl_prompts, "icl")
     stages.update(1)
 
-    lr, heldout = _choose_lr(model, spec, tok, data, demos, label_ids, seed, cfg, progress)
-    stages.update(1)
-    grid = sorted(set(cfg.lr_grid) | {lr}) if cfg.lr_sensitivity else [lr]
+    held = _heldout(data, demos, seed, cfg)
+    held_prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in held]
+    grid = sorted(set(cfg.lr_grid) | ({cfg.lr} if cfg.lr is not None else set()))
+    if cfg.lr is not None and not cfg.lr_sensitivity:
+        grid = [cfg.lr]
     ft_by_lr: dict[float, Records] = {}
-    ft_state = None
-    for g in grid:
+    states: dict[float, Any] = {}
+    held_acc: dict[float, float] = {}
+    for g in tqdm(grid, desc="FT learning rates", disable=not progress, leave=False):
         with finetuned(model, demos, g, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
             ft_by_lr[g] = run(model, zs_prompts, "ft")
-            if g == lr:
-                ft_state = st
+            if cfg.lr is None:
+                rec = run(model, held_prompts, "ft")
+                held_acc[g] = M.accuracy(rec.preds, rec.labels)
+        states[g] = st
+    lr, heldout = _pick_lr(cfg, held_acc, held)
+    ft_state = states[lr]
+    stages.update(2)
     ft = ft_by_lr[lr]
-    stages.update(1)
 
     _classification(ctx, zs, icl, ft, spec.n_labels)
     _similarities(ctx, zs, icl, ft, ft_state, "ft", lr)
@@ -292,28 +307,26 @@ def _run_seed(model, data: TaskData, tok, seed: int, cfg: ExperimentConfig, name
 # --------------------------------------------------------------------------- pieces
 
 
-def _choose_lr(model, spec, tok, data, demos, label_ids, seed, cfg, progress):
-    """The grid learning rate with the best FT accuracy on a held-out slice of the demo pool.
+def _heldout(data: TaskData, demos, seed: int, cfg: ExperimentConfig) -> list[Example]:
+    """A slice of the demo pool for choosing the learning rate.
 
-    The slice is disjoint from the evaluation set (a different pool) and from the chosen
-    demonstrations; ties go to the smaller rate. Returns (lr, record for provenance).
+    Disjoint from the evaluation set (a different pool) and from the chosen demonstrations.
     """
     if cfg.lr is not None:
-        return float(cfg.lr), {"chosen_by": "user", "lr": float(cfg.lr)}
+        return []
     used = {x.id for x in demos}
     rest = [x for x in data.demo_pool if x.id not in used]
     order = np.random.default_rng(10_000 + seed).permutation(len(rest))
     held = [rest[i] for i in order[: cfg.n_heldout]]
     if not held:
         raise ValueError("no held-out examples left to choose the learning rate; pass lr=...")
-    prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in held]
-    labels = torch.tensor([q.label for q in held])
-    accs: dict[float, float] = {}
-    for g in sorted(cfg.lr_grid):
-        with finetuned(model, demos, g, task=spec, tokenizer=tok, mode=cfg.ft_mode):
-            rec = capture(model, prompts, label_ids, "ft", batch_size=cfg.batch_size,
-                          progress=False)  # fmt: skip
-        accs[g] = M.accuracy(rec.preds, labels)
+    return held
+
+
+def _pick_lr(cfg: ExperimentConfig, accs: dict[float, float], held: list[Example]):
+    """The grid rate with the best held-out FT accuracy (ties: the smaller rate)."""
+    if cfg.lr is not None:
+        return float(cfg.lr), {"chosen_by": "user", "lr": float(cfg.lr)}
     best = max(accs.values())
     lr = min(g for g, a in accs.items() if a == best)
     return lr, {
@@ -454,7 +467,7 @@ def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[s
         "icl_lens": icl_lens.__version__,
         **B.tl_version_info(),
         "model": ctx.model,
-        "model_info": getattr(model, "icl_lens_provenance", None),
+        "model_info": _model_info(model),
         "task": ctx.task,
         "template": data.task.template,
         "label_words": list(data.task.label_words),
