@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +185,10 @@ class _Ctx:
         )
 
     def add_layered(self, metric, variant, per_ex_layer: torch.Tensor, *, kind="result", lr=None):
-        """Per-layer means (over examples) and their mean, each with a bootstrap CI."""
+        """Per-layer means (over examples) and their mean, each with a bootstrap CI.
+
+        Undefined entries (NaN, e.g. a zero update) are left out; ``n`` says how many were used.
+        """
         x = per_ex_layer.double()
         ok = ~torch.isnan(x)
         n_layers = x.shape[1]
@@ -212,7 +216,14 @@ def _f(x: Any) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def _run_seed(model, data: TaskData, tok, seed: int, cfg: ExperimentConfig, name: str, progress):
+def _run_seed(model, data, tok, seed, cfg, name, progress) -> RunResult:
+    """One (task, seed): undefined metric entries become NaN, counted in the rows' ``n``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+        return _run_seed_inner(model, data, tok, seed, cfg, name, progress)
+
+
+def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progress):
     spec = data.task
     d = B.dims(model)
     label_ids = label_token_ids(spec, tok)
