@@ -248,8 +248,11 @@ def hook_name(kind: str, layer: int | None = None) -> str:
 
 
 def final_norm_hook_name(model: nn.Module) -> str:
-    """The hook holding the final-normed residual stream (input of the unembedding)."""
-    return "ln_final.hook_out" if is_bridge(model) else "ln_final.hook_normalized"
+    """The hook on the unembedding's input: the final-normed residual stream, affine included.
+
+    (TL 3's ``ln_final.hook_normalized`` fires before the norm's weight and bias.)
+    """
+    return "unembed.hook_in" if "unembed.hook_in" in model.hook_dict else "ln_final.hook_out"
 
 
 def canonical_hook_name(model: nn.Module, name: str) -> str:

@@ -107,7 +107,11 @@ def test_neutral_checkpoint_rejects_mismatch(toy):
         B.load_neutral_state_dict(other, sd)
 
 
-def test_run_until_stops_and_unembed_rows_match_logits(toy):
+def test_run_until_stops_and_unembed_rows_match_logits():
+    toy = B.toy_model(2, 32, 4, 50, 64, seed=8)
+    with torch.no_grad():  # a non-trivial final norm: its affine must be part of the readout
+        for p in toy.ln_final.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
     name = B.final_norm_hook_name(toy)
     got = {}
