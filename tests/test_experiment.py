@@ -51,12 +51,12 @@ def test_absolute_positions_break_the_layer0_invariant():
 @pytest.fixture(scope="module")
 def toy_setup():
     model, tok, task = load_toy()
-    pool, evals = toy_episode(seed=0, n_demos=24, n_eval=48, tokenizer=tok)
+    pool, evals = toy_episode(seed=0, n_demos=40, n_eval=48, tokenizer=tok)
     data = TaskData(task, evals, pool, "toy", {"source": "toy_episode", "seed": 0})
     return model, tok, data
 
 
-FAST = dict(n_demos=12, n_eval=48, seeds=(0,), lr_grid=(0.01, 0.1, 1.0), n_heldout=8,
+FAST = dict(n_demos=24, n_eval=48, seeds=(0,), lr_grid=(0.01, 0.1, 1.0), n_heldout=8,
             n_boot=200, progress=False)  # fmt: skip
 
 
@@ -113,7 +113,7 @@ def test_summary_and_provenance(toy_results):
     for key in ("model", "transformer_lens", "icl_lens", "data", "eval_ids", "demo_ids", "seed",
                 "lr", "record_position", "lr_selection"):  # fmt: skip
         assert key in prov, key
-    assert len(prov["demo_ids"]) == 12 and len(prov["eval_ids"]) == 48
+    assert len(prov["demo_ids"]) == 24 and len(prov["eval_ids"]) == 48
     assert prov["lr"] in FAST["lr_grid"]
     assert set(prov["lr_selection"]["heldout_ids"]).isdisjoint(prov["demo_ids"])
     diag = toy_results.runs[0].diagnostics
