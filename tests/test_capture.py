@@ -200,3 +200,29 @@ def test_captured_scores_softmax_to_the_pattern(positional):
         assert got[layer].shape == (2, 4, 9, 9)
         assert (got[layer] < 0).any(), "scores, not probabilities"
         torch.testing.assert_close(got[layer].softmax(-1), pattern[layer], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_model_shared_prefix_equals_naive():
+    """Gemma-3-270m (offline bundle): cached-prefix capture equals full prompts, full logits."""
+    from icl_lens.data import load_task_data, sample_demos
+    from icl_lens.models import load_model
+    from icl_lens.tasks import get_task
+
+    model = load_model("gemma-3-270m", progress=False)
+    tok = model.tokenizer
+    task = get_task("sst2")
+    data = load_task_data(task, "staicc", n_eval=3)
+    demos = sample_demos(data.demo_pool, 8, seed=0)
+    prompts = [build_prompt(task, tok, q, demos) for q in data.eval]
+    label_ids = label_token_ids(task, tok)
+    rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    assert rec.prefix_cached == B.supports_prefix_cache(model)
+    for i, p in enumerate(prompts):
+        ref = naive(model, p, label_ids)
+        assert int(rec.preds[i]) == int(ref["logits"].argmax())
+        torch.testing.assert_close(rec.label_logits[i], ref["logits"], atol=1e-3, rtol=1e-4)
+        for name in ("attn_out", "demo_scores"):
+            diff = (getattr(rec, name)[i] - ref[name]).abs().max()
+            scale = ref[name].abs().max()
+            assert diff <= 1e-4 * max(1.0, float(scale)), (name, float(diff))
