@@ -149,9 +149,11 @@ BUNDLES: dict[str, Bundle] = {
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where converted models live: ``cache_dir``, else ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    """Where converted models live: ``cache_dir``, ``$ICL_LENS_CACHE``, else the user cache."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
+    if os.environ.get("ICL_LENS_CACHE"):
+        return Path(os.environ["ICL_LENS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "icl-lens"
 
