@@ -323,6 +323,11 @@ def unembed_rows(model: nn.Module, token_ids: Sequence[int]) -> tuple[Tensor, Te
     return w_rows, b_rows
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the embedding's device (layers may live on other devices)."""
+    return model.embed.W_E.device
+
+
 def attn_scale(model: nn.Module, layer: int) -> float:
     """The divisor of q·k in ``layer`` (``sqrt(d_head)`` unless the model says otherwise)."""
     attn = model.blocks[layer].attn

@@ -116,10 +116,9 @@ def capture(
     w_u, b_u = w_u.detach(), None if b_u is None else b_u.detach()
     scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
 
-    device = w_u.device
     cache = None
     if prefix_len:
-        prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=device)
+        prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=B.input_device(model))
         cache = B.prefix_cache(model, prefix)
 
     chunks: list[dict[str, Tensor]] = []
@@ -159,6 +158,11 @@ def _visible(scores: Tensor) -> Tensor:
     return torch.isfinite(scores) & (scores > -1e30)
 
 
+def _at(t: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
+    """``t[rows, pos]`` with the indices moved to ``t``'s device (layers may be spread out)."""
+    return t[rows.to(t.device), pos.to(t.device)]
+
+
 def _pad_left(row: Tensor, n: int) -> Tensor:
     """Prepend ``n`` masked (-inf) keys: positions a trimmed cache no longer holds."""
     if n <= 0:
@@ -169,7 +173,6 @@ def _pad_left(row: Tensor, n: int) -> Tensor:
 @torch.no_grad()
 def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache):
     """One padded forward pass over ``batch``; returns CPU tensors for each field."""
-    device = w_u.device
     n = len(batch)
     lengths = [len(p.tokens) - prefix_len for p in batch]
     width = max(lengths)
@@ -178,14 +181,14 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
     for i, p in enumerate(batch):
         tokens[i, : lengths[i]] = torch.tensor(p.tokens[prefix_len:])
         mask[i, : lengths[i]] = 1
-    rows = torch.arange(n, device=device)
+    rows = torch.arange(n)
     # positions relative to the tokens actually fed (prefix excluded)
-    rec = torch.tensor([p.spans.record_pos - prefix_len for p in batch], device=device)
-    pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch], device=device)
+    rec = torch.tensor([p.spans.record_pos - prefix_len for p in batch])
+    pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch])
     q_start = [p.spans.query[0] for p in batch]  # absolute
     q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
     q_len = max(e - s for s, e in zip(q_start, q_end, strict=True))
-    demo_idx = torch.tensor(demo_pos, dtype=torch.long, device=device)
+    demo_idx = torch.tensor(demo_pos, dtype=torch.long)
 
     out = {
         "attn_out": torch.empty(n, d.n_layers, d.d_model),
@@ -198,13 +201,14 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
 
     def attn_out_hook(layer):
         def hook(t, hook):
-            out["attn_out"][:, layer] = t[rows, rec].float().cpu()
+            out["attn_out"][:, layer] = _at(t, rows, rec).float().cpu()
 
         return hook
 
     def q_hook(layer):
         def hook(t, hook):
-            out["q"][:, layer] = (t[rows, rec].flatten(-2) / scales[layer] ** 0.5).float().cpu()
+            q = _at(t, rows, rec).flatten(-2) / scales[layer] ** 0.5
+            out["q"][:, layer] = q.float().cpu()
 
         return hook
 
@@ -212,7 +216,8 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
         def hook(t):
             # keys are the prefix (possibly trimmed to a sliding window by the cache) + new ones
             offset = prefix_len + t.shape[2] - t.shape[3]
-            row = _pad_left(t[rows, :, rec].float(), offset)  # [batch, head, absolute key]
+            row = t[rows.to(t.device), :, rec.to(t.device)].float().cpu()
+            row = _pad_left(row, offset)  # [batch, head, absolute key], on the CPU
             for i in range(n):
                 s, e = q_start[i], q_end[i]
                 own = row[i, :, s:e]
@@ -229,7 +234,7 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
     final = {}
 
     def final_hook(t, hook):
-        final["x"] = t[rows, pred]
+        final["x"] = _at(t, rows, pred).to(w_u.device)
 
     hooks = []
     for layer in range(d.n_layers):
@@ -240,7 +245,7 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
         hooks += B.attn_scores_hooks(model, layer, scores_hook(layer))
     stop = B.final_norm_hook_name(model)
     hooks.append((stop, final_hook))
-    tokens, mask = tokens.to(device), mask.to(device)
+    tokens, mask = tokens.to(B.input_device(model)), mask.to(B.input_device(model))
     if cache is not None:
         B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop)
     else:

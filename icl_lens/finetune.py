@@ -55,8 +55,8 @@ def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def _resid_logits(model: nn.Module, resid: Tensor) -> Tensor:
     """Full-vocabulary logits from a residual stream: final norm, then unembedding."""
-    normed = model.ln_final(resid)
     w_u = model.unembed.W_U
+    normed = model.ln_final(resid).to(w_u.device)
     b_u = getattr(model.unembed, "b_U", None)
     logits = normed @ w_u
     return logits + b_u if isinstance(b_u, Tensor) else logits
@@ -135,7 +135,7 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     for p in trained:
         p.grad = None
     opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
-    device = trained[0].device
+    device = B.input_device(model)
     scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
     q_steps: list[Tensor] = []
     token_demo: list[int] = []
