@@ -159,3 +159,23 @@ def test_bad_configs(toy_setup):
     empty = TaskData(data.task, [], data.demo_pool, "toy", {})
     with pytest.raises(ValueError, match="no evaluation examples"):
         E.run_experiment(model, data.task, data=empty, tokenizer=tok, **FAST)
+
+
+@pytest.mark.slow
+def test_real_model_small_run():
+    """Gemma-3-270m offline on a few SST-2 examples: every headline metric is produced."""
+    from icl_lens.models import load_model
+
+    model = load_model("gemma-3-270m", progress=False)
+    res = E.run_experiment(model, "sst2", n_demos=4, n_eval=12, seeds=(0,), lr=1e-3,
+                           lr_sensitivity=False, baselines=("uniform", "gaussian"), n_boot=100,
+                           progress=False)  # fmt: skip
+    table = res.summary()
+    print(table.T.to_string())
+    row = table.loc["sst2"]
+    for col in ("ZSL acc", "ICL acc", "FT acc", "SimAOU", "SimAOU null", "SimAM before",
+                "SimAM after", "Kendall", "Kendall random"):  # fmt: skip
+        assert row[col] == row[col], col
+    prov = res.runs[0].provenance
+    assert prov["model"] == "gemma-3-270m" and prov["data"]["source"] == "staicc"
+    assert res.runs[0].diagnostics["sliding_windows"][5] is None
