@@ -473,9 +473,29 @@ def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
             ctx.add_layered(f"dual_{metric}", "dual", per.double().nanmean(-1), kind=kind, lr=lr)
 
 
+def _git_revision() -> str | None:
+    """The icl-lens source commit when run from a git checkout ('+dirty' if modified)."""
+    import subprocess
+
+    root = Path(icl_lens.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        run = dict(capture_output=True, text=True, timeout=10, check=True)
+        rev = subprocess.run([*git, "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "-uno", "icl_lens"], **run
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[str, Any]:
     return {
         "icl_lens": icl_lens.__version__,
+        "icl_lens_git": _git_revision(),
         **B.tl_version_info(),
         "model": ctx.model,
         "model_info": _model_info(model),
