@@ -463,14 +463,18 @@ def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, 
 
 
 def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
-    """ΔW_ICL vs ΔW_FT in the linear-attention relaxation (optional, see icl_lens.dual)."""
+    """ΔW_ICL vs ΔW_FT in the linear-attention relaxation (optional, see icl_lens.dual).
+
+    Per (example, layer) values are means over heads; kinds follow ``dual.METRICS``.
+    """
     from icl_lens import dual
 
-    out = dual.dual_analysis(model, icl_prompts, zs_prompts, demos, lr, spec, tok)
-    for metric, per in out.items():
-        if isinstance(per, torch.Tensor) and per.ndim == 3:  # [example, layer, head]
-            kind = "result" if metric.endswith("ft") else "baseline"
-            ctx.add_layered(f"dual_{metric}", "dual", per.double().nanmean(-1), kind=kind, lr=lr)
+    out = dual.dual_analysis(model, icl_prompts, zs_prompts, demos, lr, spec, tok,
+                             mode=ctx.cfg.ft_mode, seed=ctx.seed)  # fmt: skip
+    for name, per in out.items():
+        if per.ndim == 3:  # [example, layer, head]
+            ctx.add_layered(f"dual_{name}", "dual", per.double().nanmean(-1),
+                            kind=out.kind(name), lr=lr)  # fmt: skip
 
 
 def _git_revision() -> str | None:

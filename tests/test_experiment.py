@@ -179,3 +179,19 @@ def test_real_model_small_run():
     prov = res.runs[0].provenance
     assert prov["model"] == "gemma-3-270m" and prov["data"]["source"] == "staicc"
     assert res.runs[0].diagnostics["sliding_windows"][5] is None
+
+
+def test_dual_analysis_is_wired_in(toy_setup):
+    """run_experiment(dual=True) reports ΔW_ICL vs ΔW_FT beside its random/shuffled baselines."""
+    model, tok, data = toy_setup
+    kw = {**FAST, "baselines": (), "lr": 0.1, "lr_sensitivity": False, "n_eval": 8}
+    res = E.run_experiment(model, data.task, data=data, tokenizer=tok, dual=True, **kw)
+    f = res.to_frame()
+    dual = f[(f.variant == "dual") & (f.layer == "mean")].set_index("metric")
+    names = ["dual_cos_icl_ft", "dual_cos_icl_uniform", "dual_cos_icl_gaussian"]
+    names += ["dual_cos_icl_ft_shuffled", "dual_act_icl_ft", "dual_act_icl_gaussian"]
+    for name in names:
+        assert name in dual.index, name
+        assert -1.0 <= dual.loc[name, "value"] <= 1.0
+    assert dual.loc["dual_cos_icl_ft", "kind"] == "result"
+    assert dual.loc["dual_cos_icl_uniform", "kind"] == "baseline"
