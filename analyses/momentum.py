@@ -456,7 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eta", type=float, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="figure/json stem (default figures/)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output stem: STEM.png/.pdf/_results.json"
+    )
     args = ap.parse_args(argv)
     cfg = Config(threads=args.threads)
     if args.quick:
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         **B.tl_version_info(),
     }
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_name(stem.name + "_results.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

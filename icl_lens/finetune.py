@@ -62,6 +62,19 @@ def _resid_logits(model: nn.Module, resid: Tensor) -> Tensor:
     return logits + b_u if isinstance(b_u, Tensor) else logits
 
 
+def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
+    """Sum over layers of each layer's own LM loss, in one unembedding matmul.
+
+    Stacking the layers' residual streams reads the (large) unembedding once per step instead
+    of once per layer, which is most of layer-causal FT's cost on a 262k vocabulary.
+    """
+    stacked = torch.cat(resids, dim=0)  # [layer, pos, d_model]
+    logits = _resid_logits(model, stacked)[:, :-1]
+    targets = tokens[:, 1:].expand(len(resids), -1)
+    per_layer = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return per_layer.view(len(resids), -1).mean(dim=1).sum()
+
+
 def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
     """Token lists for the training steps: either given, or built from Examples."""
     if len(demos) == 0:
@@ -166,7 +179,7 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
                 if layer > 0:
                     hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
             B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
-            loss = sum(_lm_loss(_resid_logits(model, resid[layer]), tokens) for layer in resid)
+            loss = _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
         else:
             with model.hooks(fwd_hooks=hooks):
                 logits = model(tokens)
