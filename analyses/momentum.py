@@ -43,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import icl_lens
 from icl_lens import backend as B
 from icl_lens.data import read_staicc_file, staicc_file
+from icl_lens.experiment import _git_revision
 from icl_lens.momentum import LearnableEMA, momentum_hooks, token_shift_hooks
 from icl_lens.toy import ToyTokenizer, generate_batch
 
@@ -503,7 +505,11 @@ def main(argv: list[str] | None = None) -> dict:
         "corpus": {"train_bytes": int(len(corpus[0])), "val_bytes": int(len(corpus[1]))},
         "timing_s": timing,
         "wall_s": round(wall, 1),
-        "command": "python analyses/momentum.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(
+            ["python analyses/momentum.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "icl_lens": icl_lens.__version__,
+        "icl_lens_git": _git_revision(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         **B.tl_version_info(),
