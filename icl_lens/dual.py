@@ -26,7 +26,6 @@ demonstrations (BOS excluded, as it is from ΔW_ICL). :func:`dual_analysis` comp
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
+from icl_lens.baselines import shuffle_labels
 
 GROUPS = ("query", "demos", "other")
 
@@ -304,18 +304,6 @@ METRICS = {  # name: (kind, definition); kind is "result", "baseline" or "diagno
 }
 
 
-def shuffled_labels(demos: Sequence, seed: int = 0) -> list:
-    """The demos with their labels permuted (a fixed-seed derangement when one exists)."""
-    labels = np.array([d.label for d in demos])
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    for _ in range(100):
-        if len(labels) < 2 or (labels[perm] != labels).any():
-            break
-        perm = rng.permutation(len(labels))
-    return [dataclasses.replace(d, label=int(labels[p])) for d, p in zip(demos, perm, strict=True)]
-
-
 def dual_analysis(
     model: nn.Module,
     prompts_icl: Sequence,
@@ -336,7 +324,8 @@ def dual_analysis(
 
     ``prompts_icl[e]`` and ``prompts_zs[e]`` are the same query with and without ``demos``;
     FT trains K/V on ``demos`` (``finetune.finetuned``, ``mode``) and is undone on return.
-    ``shuffled`` adds a shuffled-label FT (needs ``Example`` demos). Random matrices come from
+    ``shuffled`` adds an FT on ``baselines.shuffle_labels(demos, seed)`` (needs ``Example``
+    demos with at least two labels; skipped otherwise). Random matrices come from
     ``torch.Generator().manual_seed(seed)``, one per (example, layer, head).
     """
     from icl_lens.finetune import finetuned
@@ -358,8 +347,8 @@ def dual_analysis(
     with finetuned(model, demos, lr, **ft_kw):
         ft = [dual_form(model, p, **kw) for p in tqdm(prompts_zs, desc="dual FT", **bar)]
     sh = None
-    if shuffled and demos and hasattr(demos[0], "label"):
-        with finetuned(model, shuffled_labels(demos, seed), lr, **ft_kw):
+    if shuffled and demos and len({getattr(d, "label", None) for d in demos}) > 1:
+        with finetuned(model, shuffle_labels(demos, seed), lr, **ft_kw):
             sh = [dual_form(model, p, **kw) for p in prompts_zs]
 
     def stack(forms, fn):
@@ -441,7 +430,6 @@ __all__ = [
     "dual_form",
     "frobenius_cosine",
     "operator",
-    "shuffled_labels",
     "token_groups",
     "vector_cosine",
 ]

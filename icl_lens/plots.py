@@ -498,6 +498,29 @@ def rec2ftp(results: Results | pd.DataFrame) -> Figure:
     return _finish(fig, f, "Rec2FTP and change agreement", note)
 
 
+def dual(results: Results | pd.DataFrame) -> Figure:
+    """ΔW_ICL vs ΔW_FT (linear-attention dual form, ``run_experiment(dual=True)``) vs baselines."""
+    f = _frame(results)
+
+    def series(prefix: str) -> list[S]:
+        return [
+            S("ΔW_FT", f"dual_{prefix}_icl_ft", "dual", COLORS["ft"]),
+            S("ΔW_FT, shuffled", f"dual_{prefix}_icl_ft_shuffled", "dual", COLORS["ft_shuffled"]),
+            S("random U[0,1)", f"dual_{prefix}_icl_uniform", "dual", COLORS["uniform"]),
+            S("random Gaussian", f"dual_{prefix}_icl_gaussian", "dual", COLORS["gaussian"]),
+            S("W_ZSL (any Σ v kᵀ)", f"dual_{prefix}_icl_zsl", "dual", COLORS["zs"]),
+        ]
+
+    return _bar_panels(
+        f,
+        [
+            ("Frobenius cosine of ΔW_ICL\nwith each matrix", COS, series("cos")),
+            ("cosine of their actions on\nthe zero-shot query", COS, series("act")),
+        ],
+        "Meta-gradients: is ΔW_ICL (demonstrations) aligned with ΔW_FT (K/V finetuning)?",
+    )
+
+
 FIGURES = {
     "accuracy": accuracy,
     "simaou": simaou,
@@ -506,6 +529,7 @@ FIGURES = {
     "layers": layers,
     "lr_sensitivity": lr_sensitivity,
     "rec2ftp": rec2ftp,
+    "dual": dual,
 }
 
 

@@ -17,9 +17,9 @@ from icl_lens.results import Results, atomic_write_json
 from icl_lens.toy import ToyTokenizer, load_toy, toy_episode, toy_task
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["accuracy", "simaou", "simam", "kendall", "layers", "lr_sensitivity", "rec2ftp"]
+NAMES = ["accuracy", "simaou", "simam", "kendall", "layers", "lr_sensitivity", "rec2ftp", "dual"]
 FAST = dict(n_demos=8, n_eval=24, seeds=(0, 1), lr_grid=(0.01, 0.1, 1.0), n_heldout=8,
-            n_boot=100, progress=False)  # fmt: skip
+            n_boot=100, progress=False, dual=True)  # fmt: skip
 
 
 def _toy():
@@ -82,7 +82,7 @@ def test_accuracy_bars_are_the_frame_values(results):
     assert bars["toy_icl|accuracy|icl"] == pytest.approx(per_seed.mean() * 100)
 
 
-@pytest.mark.parametrize("name", ["simaou", "simam", "kendall", "rec2ftp"])
+@pytest.mark.parametrize("name", ["simaou", "simam", "kendall", "rec2ftp", "dual"])
 def test_other_bar_figures_draw_the_frame_values(results, name):
     frame = results.to_frame()
     bars = _bars(plots.FIGURES[name](results))
