@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import icl_lens
 from icl_lens import backend as B
 from icl_lens import metrics as M
-from icl_lens.baselines import shuffle_labels, untrained_copy
+from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import finetuned
@@ -448,18 +448,15 @@ def _sensitivity(ctx: _Ctx, zs: Records, icl: Records, ft: Records, lr: float) -
 
 
 def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run) -> None:
-    """The whole protocol on a copy with attention/MLP re-initialised (Deutch et al.)."""
-    base = untrained_copy(model, seed)
-    try:
+    """The whole protocol with attention/MLP re-initialised (Deutch et al.), in place."""
+    with untrained(model, seed) as base:
         zs, icl = run(base, zs_prompts, "zs"), run(base, icl_prompts, "icl")
         with finetuned(base, demos, lr, task=spec, tokenizer=tok, mode=ctx.cfg.ft_mode) as st:
             ft = run(base, zs_prompts, "ft")
-        _similarities(ctx, zs, icl, ft, st, "untrained", lr)
-        for variant, rec in (("untrained_zs", zs), ("untrained_icl", icl), ("untrained_ft", ft)):
-            ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
-                    n=len(rec))  # fmt: skip
-    finally:
-        del base
+    _similarities(ctx, zs, icl, ft, st, "untrained", lr)
+    for variant, rec in (("untrained_zs", zs), ("untrained_icl", icl), ("untrained_ft", ft)):
+        ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
+                n=len(rec))  # fmt: skip
 
 
 def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:

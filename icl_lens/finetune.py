@@ -53,26 +53,59 @@ def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
 
 
-def _resid_logits(model: nn.Module, resid: Tensor) -> Tensor:
-    """Full-vocabulary logits from a residual stream: final norm, then unembedding."""
-    w_u = model.unembed.W_U
-    normed = model.ln_final(resid).to(w_u.device)
-    b_u = getattr(model.unembed, "b_U", None)
-    logits = normed @ w_u
-    return logits + b_u if isinstance(b_u, Tensor) else logits
+class _ChunkedVocabCE(torch.autograd.Function):
+    """Σ_rows weight · CE(h @ W_U + b_U, target), computed a few rows at a time.
+
+    The full-vocabulary logits of all rows never exist at once: each chunk's logits give its
+    loss and, right away, its gradient w.r.t. ``h`` (``(softmax − onehot) · weight @ W_Uᵀ``),
+    which backward returns. Same FLOPs as autograd, memory of one chunk. W_U gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w_u: Tensor, b_u: Tensor | None, targets: Tensor,
+                weight: Tensor, chunk: int) -> Tensor:  # fmt: skip
+        dtype = torch.promote_types(h.dtype, torch.float32)  # half inputs: fp32 softmax
+        loss = h.new_zeros((), dtype=dtype)
+        grad = torch.empty_like(h)
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i : i + chunk] @ w_u).to(dtype)
+            if b_u is not None:
+                logits += b_u
+            t, w = targets[i : i + chunk], weight[i : i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t[:, None])[:, 0]
+            loss += ((lse - picked) * w).sum()
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(t)), t] -= 1.0
+            probs *= w[:, None]
+            grad[i : i + chunk] = (probs.to(w_u.dtype) @ w_u.T).to(h.dtype)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None, None
 
 
 def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
-    """Sum over layers of each layer's own LM loss, in one unembedding matmul.
+    """Sum over layers of each layer's own mean LM loss (final norm, then unembedding).
 
-    Stacking the layers' residual streams reads the (large) unembedding once per step instead
-    of once per layer, which is most of layer-causal FT's cost on a 262k vocabulary.
+    All layers' rows go through one chunked vocabulary projection, which reads the (large)
+    unembedding a few times per step instead of twice per layer and bounds the logits'
+    memory to one chunk (DESIGN: peak RSS).
     """
-    stacked = torch.cat(resids, dim=0)  # [layer, pos, d_model]
-    logits = _resid_logits(model, stacked)[:, :-1]
-    targets = tokens[:, 1:].expand(len(resids), -1)
-    per_layer = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return per_layer.view(len(resids), -1).mean(dim=1).sum()
+    n_layers, n_pos = len(resids), tokens.shape[1] - 1
+    w_u = model.unembed.W_U
+    normed = model.ln_final(torch.cat(resids, dim=0)[:, :-1]).to(w_u.device)
+    b_u = getattr(model.unembed, "b_U", None)
+    b_u = b_u.detach().float() if isinstance(b_u, Tensor) else None
+    targets = tokens[:, 1:].to(w_u.device).expand(n_layers, -1).reshape(-1)
+    dtype = torch.promote_types(w_u.dtype, torch.float32)
+    weight = torch.full((n_layers * n_pos,), 1.0 / n_pos, device=w_u.device, dtype=dtype)
+    chunk = max(1, 2**25 // w_u.shape[1])  # ~128 MB of fp32 logits at a time
+    h = normed.reshape(-1, normed.shape[-1])
+    return _ChunkedVocabCE.apply(h, w_u.detach(), b_u, targets, weight, chunk)
 
 
 def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:

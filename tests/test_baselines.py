@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icl_lens import backend as B
-from icl_lens.baselines import shuffle_labels, untrained_copy
+from icl_lens.baselines import shuffle_labels, untrained, untrained_copy
 from icl_lens.tasks import Example
 
 
@@ -48,3 +48,17 @@ def test_shuffle_labels_permutes_and_keeps_counts():
     assert shuffle_labels(demos, 0) == shuffled
     with pytest.raises(ValueError, match="two labels"):
         shuffle_labels([Example("0", {"x": "w"}, 1)] * 3, seed=0)
+
+
+def test_untrained_in_place_equals_copy_and_restores_exactly():
+    model = B.toy_model(2, 32, 4, 50, 64, seed=0, attn_only=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = untrained_copy(model, seed=5).state_dict()
+    with untrained(model, seed=5) as m:
+        assert m is model
+        got = model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="boom"), untrained(model, seed=5):
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

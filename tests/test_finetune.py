@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icl_lens import backend as B
-from icl_lens.finetune import FinetuneDivergedError, finetuned
+from icl_lens.finetune import FinetuneDivergedError, _ChunkedVocabCE, finetuned
 from icl_lens.tasks import build_train_sequence
 from icl_lens.toy import ToyTokenizer, toy_episode, toy_task
 
@@ -166,3 +166,33 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="positive"):
         with finetuned(model, demos, lr=-1.0, task=task, tokenizer=tok):
             pass
+
+
+def test_layer_causal_last_layer_update_equals_standard_ft(setup):
+    """The last layer's K/V see only the final loss in both modes: one step agrees."""
+    model, tok, task, demos = setup
+    seq = build_train_sequence(task, tok, demos[0])
+    last = B.dims(model).n_layers - 1
+    updates = []
+    for mode in ("standard", "layer_causal"):
+        with finetuned(model, [seq], lr=0.3, mode=mode):
+            updates.append([p.detach().clone() for p in B.kv_parameters(model, layers=[last])])
+    for a, b in zip(*updates, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_vocab_ce_matches_autograd(chunk):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_u = torch.randn(5, 11, generator=gen, dtype=torch.float64)
+    b_u = torch.randn(11, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    weight = torch.rand(7, generator=gen, dtype=torch.float64)
+    ce = torch.nn.functional.cross_entropy(h @ w_u + b_u, targets, reduction="none")
+    want = (ce * weight).sum()
+    (g_want,) = torch.autograd.grad(2.5 * want, h)
+    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, chunk)
+    (g_got,) = torch.autograd.grad(2.5 * got, h)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
