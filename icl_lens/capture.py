@@ -121,20 +121,24 @@ def capture(
         prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=B.input_device(model))
         cache = B.prefix_cache(model, prefix)
 
+    # Batches of similar length waste little compute on padding; results go back in order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
     chunks: list[dict[str, Tensor]] = []
     bar = tqdm(total=len(prompts), desc=f"capture {condition}", disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
+        batch = [prompts[i] for i in order[start : start + batch_size]]
         chunks.append(
             _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache)
         )
         bar.update(len(batch))
     bar.close()
-    cat = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0] if k not in ("qs", "qm")}
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    cat = {k: torch.cat([c[k] for c in chunks])[back] for k in chunks[0] if k not in ("qs", "qm")}
     q_len = max(c["qs"].shape[-1] for c in chunks)
     pad = torch.nn.functional.pad
-    qs = torch.cat([pad(c["qs"], (0, q_len - c["qs"].shape[-1])) for c in chunks])
-    qm = torch.cat([pad(c["qm"], (0, q_len - c["qm"].shape[-1])) for c in chunks])
+    qs = torch.cat([pad(c["qs"], (0, q_len - c["qs"].shape[-1])) for c in chunks])[back]
+    qm = torch.cat([pad(c["qm"], (0, q_len - c["qm"].shape[-1])) for c in chunks])[back]
     return Records(
         condition=condition,
         record=record,

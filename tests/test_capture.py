@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,6 +100,31 @@ def test_capture_matches_naive(setup, record, n_demos):
         torch.testing.assert_close(rec.demo_scores[i], ref["demo_scores"], atol=1e-4, rtol=0)
         assert rec.demo_mask[i].all()
         assert int(rec.preds[i]) == int(ref["logits"].argmax())
+
+
+@pytest.mark.parametrize("n_demos", [0, 8])
+def test_length_sorted_batches_come_back_in_order(setup, n_demos):
+    """Queries of different lengths are batched by length; records keep the input order."""
+    model, tok, task, demos, evals = setup
+    queries = [
+        dataclasses.replace(q, fields={"x": " ".join([q.fields["x"]] * (1 + (3 * i) % 4))})
+        for i, q in enumerate(evals)
+    ]
+    prompts = [build_prompt(task, tok, q, demos[:n_demos]) for q in queries]
+    assert len({len(p.tokens) for p in prompts}) > 2
+    label_ids = label_token_ids(task, tok)
+    rec = capture(model, prompts, label_ids, "icl", batch_size=3, progress=False)
+    assert rec.example_ids == [p.example_id for p in prompts]
+    for i, p in enumerate(prompts):
+        one = capture(model, [p], label_ids, "icl", progress=False)
+        torch.testing.assert_close(rec.attn_out[i], one.attn_out[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rec.label_logits[i], one.label_logits[0], atol=1e-5, rtol=0)
+        n_q = one.query_scores.shape[-1]
+        torch.testing.assert_close(rec.query_scores[i, ..., :n_q], one.query_scores[0],
+                                   atol=1e-5, rtol=0)  # fmt: skip
+        assert torch.equal(rec.query_mask[i, :, :n_q], one.query_mask[0])
+        assert not rec.query_mask[i, :, n_q:].any()
+        assert int(rec.n_tokens[i]) == len(p.tokens)
 
 
 def test_shared_prefix_equals_full_prompts(setup):
