@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -114,11 +115,29 @@ def run_experiment(
         if done is not None:
             runs.append(done)
             continue
+        start = time.perf_counter()
         run = _run_seed(model, data, tok, seed, cfg, name, progress)
         if path is not None:
             atomic_write_json(path, run.to_json())
+            _log_timing(Path(out_dir), spec.name, seed, time.perf_counter() - start)
         runs.append(run)
     return Results(runs)
+
+
+def _log_timing(out_dir: Path, task: str, seed: int, seconds: float) -> None:
+    """Append the wall time of one (task, seed) to ``out_dir/timings.jsonl``.
+
+    Kept out of the results files, which must be identical for identical runs.
+    """
+    entry = {
+        "task": task,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with open(out_dir / "timings.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 def _model_name(model: nn.Module) -> str:

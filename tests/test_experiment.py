@@ -136,6 +136,10 @@ def test_resumes_per_seed_and_redoes_bad_files(toy_setup, tmp_path, monkeypatch)
     first = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
     path = tmp_path / "toy_icl" / "seed0.json"
     assert path.exists()
+    timings = tmp_path / "timings.jsonl"  # wall times live beside, not in, the results
+    assert [json.loads(x)["seed"] for x in timings.read_text().splitlines()] == [
+        r.seed for r in first.runs
+    ]
 
     def boom(*a, **k):
         raise AssertionError("a finished run was recomputed")
@@ -148,6 +152,7 @@ def test_resumes_per_seed_and_redoes_bad_files(toy_setup, tmp_path, monkeypatch)
     redone = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
     assert redone.to_frame().equals(first.to_frame())
     assert json.loads(path.read_text())["seed"] == 0
+    assert len(timings.read_text().splitlines()) == len(first.runs) + 1
 
 
 def test_bad_configs(toy_setup):
