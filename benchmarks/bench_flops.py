@@ -1,0 +1,148 @@
+"""How close is `icl-lens reproduce` to its FLOP lower bound, and how much memory does it use?
+
+Runs one (task, seed) of the default protocol (32 demonstrations, the learning-rate grid, every
+baseline) through ``run_experiment`` and prints, measured side by side in this one process:
+
+* wall time / FLOP lower bound. The bound is the FLOPs the protocol cannot avoid divided by
+  the best fp32 matmul throughput measured here (the model's own shapes and a large square,
+  before and after the run; the best is kept, which makes the bound smallest):
+  - every token the protocol must run, forward, at 2·N FLOPs (N = non-embedding parameters):
+    the zero-shot prompts once per condition that needs them (ZS, each FT, the untrained
+    model), each ICL prefix once plus every query's own tokens, the held-out prompts once per
+    grid learning rate, and every FT training token;
+  - FT backward at 2·N (activation gradients) + 2·N_kv (the K/V weight gradients) per token.
+  ``+vocab`` adds the vocabulary projections the protocol needs on top (the paper's FT loss is
+  an LM loss over the full vocabulary at every training token, 4·V·d FLOPs forward and
+  backward; layer-causal FT has one such loss per layer). Attention-score FLOPs are left out,
+  so both bounds are lower bounds.
+* peak RSS / fp32 model size (all of the process: loading included).
+
+    python benchmarks/bench_flops.py                       # sst2, 500 queries (~10 min)
+    python benchmarks/bench_flops.py --n-eval 100 --task mr
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from icl_lens import backend as B
+from icl_lens.data import load_task_data
+from icl_lens.experiment import run_experiment
+from icl_lens.models import load_model
+from icl_lens.tasks import build_prompt, build_train_sequence
+
+
+def matmul_gflops(d_model: int, d_mlp: int, seconds: float = 2.0) -> float:
+    """Best fp32 matmul throughput over the model's MLP shape and a large square."""
+    best = 0.0
+    for m, k, n in ((512, d_model, d_mlp), (512, d_mlp, d_model), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm-up
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def param_counts(model) -> dict[str, int]:
+    """Total (unique storages), non-embedding and K/V parameter counts."""
+    seen, total, embed = set(), 0, 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        if "embed" in name or "lm_head" in name:  # W_E, W_pos, W_U (TL 3) or HF names
+            embed += p.numel()
+    kv = sum(p.numel() for p in B.kv_parameters(model))
+    return {"total": total, "non_embedding": total - embed, "kv": kv}
+
+
+def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: int) -> dict:
+    """The protocol's unavoidable FLOPs for one finished (task, seed), from its provenance."""
+    prov, cfg = run.provenance, run.provenance["config"]
+    by_id = {x.id: x for x in [*data.eval, *data.demo_pool]}
+    evals = [by_id[i] for i in prov["eval_ids"]]
+    demos = [by_id[i] for i in prov["demo_ids"]]
+    held = [by_id[i] for i in prov["lr_selection"].get("heldout_ids", [])]
+    spec = data.task
+    zs_tok = sum(len(build_prompt(spec, tok, q).tokens) for q in evals)
+    icl = [build_prompt(spec, tok, q, demos) for q in evals]
+    prefix = icl[0].spans.prefix_len
+    icl_tok = prefix + sum(len(p.tokens) - prefix for p in icl)
+    held_tok = sum(len(build_prompt(spec, tok, q).tokens) for q in held)
+    train_tok = sum(len(build_train_sequence(spec, tok, d)) for d in demos)
+    grid = sorted(set(cfg["lr_grid"]) | ({cfg["lr"]} if cfg["lr"] is not None else set()))
+    base = set(cfg["baselines"])
+    n_ft = len(grid) + ("shuffled" in base) + ("untrained" in base)
+    n_lc = int("layer_causal" in base)
+    n_zs = 1 + len(grid) + n_lc + ("shuffled" in base) + 2 * ("untrained" in base)
+    n_icl = 1 + ("untrained" in base)
+    n, n_kv = counts["non_embedding"], counts["kv"]
+    fwd_tokens = n_zs * zs_tok + n_icl * icl_tok + len(grid) * held_tok + (n_ft + n_lc) * train_tok
+    flops = 2 * n * fwd_tokens + (n_ft + n_lc) * train_tok * (2 * n + 2 * n_kv)
+    return {
+        "tokens": {"zs": zs_tok, "icl": icl_tok, "heldout": held_tok, "train": train_tok},
+        "runs": {"zs_like": n_zs, "icl": n_icl, "ft": n_ft, "layer_causal": n_lc},
+        "flops": flops,
+        "vocab_flops_per_ft_token": 4 * vocab * d_model,
+        "train_tokens_ft": n_ft * train_tok,
+        "train_tokens_lc": n_lc * train_tok,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--n-demos", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    d = B.dims(model)
+    counts = param_counts(model)
+    vocab = d.d_vocab
+    d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d.d_model)
+    tput = [matmul_gflops(d.d_model, d_mlp)]
+    data = load_task_data(args.task)
+    start = time.perf_counter()
+    res = run_experiment(model, args.task, args.n_demos, args.n_eval, seeds=(args.seed,), data=data,
+                         model_name=args.model, progress=False)  # fmt: skip
+    wall = time.perf_counter() - start
+    tput.append(matmul_gflops(d.d_model, d_mlp))
+    need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab)
+    vocab_flops = need["vocab_flops_per_ft_token"] * (
+        need["train_tokens_ft"] + d.n_layers * need["train_tokens_lc"]
+    )
+    best = max(tput)
+    bound = need["flops"] / (best * 1e9)
+    bound_v = (need["flops"] + vocab_flops) / (best * 1e9)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model_mb = counts["total"] * 4 / 2**20
+    print(
+        f"model={args.model} params={counts['total'] / 1e6:.1f}M "
+        f"non-embedding={counts['non_embedding'] / 1e6:.1f}M kv={counts['kv'] / 1e6:.2f}M "
+        f"task={args.task} seed={args.seed} n_demos={args.n_demos} n_eval={args.n_eval} "
+        f"threads={args.threads}"
+    )
+    print(f"tokens {need['tokens']} runs {need['runs']}")
+    print(f"matmul throughput (best of model shapes / 2048^3, before, after): "
+          f"{tput[0]:.1f}, {tput[1]:.1f} GFLOP/s")  # fmt: skip
+    print(f"(a) wall {wall:.1f}s vs FLOP lower bound {bound:.1f}s "
+          f"({need['flops'] / 1e12:.2f} TFLOP, non-embedding): {wall / bound:.2f}x")  # fmt: skip
+    print(f"    with the FT losses' vocabulary projections: bound {bound_v:.1f}s "
+          f"({(need['flops'] + vocab_flops) / 1e12:.2f} TFLOP): {wall / bound_v:.2f}x")  # fmt: skip
+    print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
