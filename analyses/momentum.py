@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 import icl_lens
 from icl_lens import backend as B
 from icl_lens.data import read_staicc_file, staicc_file
-from icl_lens.experiment import _git_revision
+from icl_lens.experiment import git_revision
 from icl_lens.momentum import LearnableEMA, momentum_hooks, token_shift_hooks
 from icl_lens.toy import ToyTokenizer, generate_batch
 
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["python analyses/momentum.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "icl_lens": icl_lens.__version__,
-        "icl_lens_git": _git_revision(),
+        "icl_lens_git": git_revision(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         **B.tl_version_info(),

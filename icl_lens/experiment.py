@@ -493,7 +493,7 @@ def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
                             kind=out.kind(name), lr=lr)  # fmt: skip
 
 
-def _git_revision() -> str | None:
+def git_revision() -> str | None:
     """The icl-lens source commit when run from a git checkout ('+dirty' if modified)."""
     import subprocess
 
@@ -515,7 +515,7 @@ def _git_revision() -> str | None:
 def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[str, Any]:
     return {
         "icl_lens": icl_lens.__version__,
-        "icl_lens_git": _git_revision(),
+        "icl_lens_git": git_revision(),
         **B.tl_version_info(),
         "model": ctx.model,
         "model_info": _model_info(model),
