@@ -29,6 +29,7 @@ a given thread count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -440,7 +441,7 @@ def plot(summary: dict, cfg: Config, stem: Path) -> None:
         base = rows["baseline"]["ppl"][0]
         unit = "label-token" if task == "toy" else "per-byte"
         ax.set(xticks=range(len(names)), xlim=(-0.5, len(names) - 0.5))
-        ax.set_xticklabels(names)
+        ax.set_xticklabels([n.replace("_", "\n") for n in names])
         ax.set_ylabel(f"Δ validation nll ({unit}, nats)")
         ax.set_title(f"{task}: paired Δ nll (baseline ppl {base:.3f})")
     fig.suptitle(
@@ -453,6 +454,24 @@ def plot(summary: dict, cfg: Config, stem: Path) -> None:
     plt.close(fig)
 
 
+def replot(path: Path, stem: Path | None = None) -> dict:
+    """Redraw STEM.png/.pdf (default: beside the json) from a ``*_results.json``."""
+    result = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in result["config"].items() if k in known})  # fmt: skip
+    summary = result["summary"]
+    for rows in summary.values():  # json made the k keys strings
+        for row in rows.values():
+            for key in ("acc_by_k", "delta_acc_by_k"):
+                if key in row:
+                    row[key] = {int(k): v for k, v in row[key].items()}
+    if stem is None:
+        stem = path.with_name(path.name.removesuffix("_results.json"))
+    plot(summary, cfg, stem)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="~1 minute smoke run")
@@ -461,7 +480,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--out", type=Path, default=None, help="output stem: STEM.png/.pdf/_results.json"
     )
+    ap.add_argument(
+        "--replot", type=Path, metavar="RESULTS_JSON", help="redraw the figure of a finished run"
+    )
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.out)
     cfg = Config(threads=args.threads)
     if args.quick:
         cfg = quick(cfg)
