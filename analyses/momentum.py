@@ -449,8 +449,8 @@ def plot(summary: dict, cfg: Config, stem: Path) -> None:
         f"{len(cfg.seeds)} seeds, 95% bootstrap CIs over seeds and sequences"
     )
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=130)
-    fig.savefig(stem.with_suffix(".pdf"))
+    fig.savefig(stem.with_name(stem.name + ".png"), dpi=130)
+    fig.savefig(stem.with_name(stem.name + ".pdf"))
     plt.close(fig)
 
 

@@ -14,7 +14,8 @@ baseline) through ``run_experiment`` and prints, measured side by side in this o
   ``+vocab`` adds the vocabulary projections the protocol needs on top (the paper's FT loss is
   an LM loss over the full vocabulary at every training token, 4·V·d FLOPs forward and
   backward; layer-causal FT has one such loss per layer). Attention-score FLOPs are left out,
-  so both bounds are lower bounds.
+  so both bounds are lower bounds. (Counts assume the ICL prefix is cached, as it is for
+  every model ``backend.supports_prefix_cache`` accepts.)
 * peak RSS / fp32 model size (all of the process: loading included).
 
     python benchmarks/bench_flops.py                       # sst2, 500 queries (~10 min)
@@ -79,7 +80,11 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
     held_tok = sum(len(build_prompt(spec, tok, q).tokens) for q in held)
     train_tok = sum(len(build_train_sequence(spec, tok, d)) for d in demos)
     grid = sorted(set(cfg["lr_grid"]) | ({cfg["lr"]} if cfg["lr"] is not None else set()))
+    if cfg["lr"] is not None and not cfg["lr_sensitivity"]:
+        grid = [cfg["lr"]]
     base = set(cfg["baselines"])
+    if len({d.label for d in demos}) < 2:  # run_experiment skips shuffled-label FT then
+        base.discard("shuffled")
     n_ft = len(grid) + ("shuffled" in base) + ("untrained" in base)
     n_lc = int("layer_causal" in base)
     n_zs = 1 + len(grid) + n_lc + ("shuffled" in base) + 2 * ("untrained" in base)
@@ -120,8 +125,9 @@ def main() -> None:
     wall = time.perf_counter() - start
     tput.append(matmul_gflops(d.d_model, d_mlp))
     need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab)
+    per_layer = d.n_layers if res.runs[0].provenance["config"]["ft_mode"] == "layer_causal" else 1
     vocab_flops = need["vocab_flops_per_ft_token"] * (
-        need["train_tokens_ft"] + d.n_layers * need["train_tokens_lc"]
+        per_layer * need["train_tokens_ft"] + d.n_layers * need["train_tokens_lc"]
     )
     best = max(tput)
     bound = need["flops"] / (best * 1e9)

@@ -23,28 +23,28 @@ from icl_lens.tasks import Example
 _NORM_MARKERS = ("norm", "ln")
 
 
-def _redraw(model: nn.Module, seed: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Re-draw attention/MLP weights in place; returns (parameter, original) pairs.
+def _redraw(model: nn.Module, seed: int, saved: list | None = None) -> None:
+    """Re-draw attention/MLP weights in place; appends (parameter, original) to ``saved``
+    before each write, so a failure midway can still be undone.
 
     Each re-drawn matrix is i.i.d. normal with the original matrix's standard deviation, so
     activation scales stay comparable; attention/MLP biases are zeroed; norm weights inside
     the blocks (e.g. Gemma's q/k norms) are kept.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    saved = []
     with torch.no_grad():
         for name, p in B.attention_parameters(model):
             leaf = name.split(".")[-1].lower()
             if any(m in part for part in name.lower().split(".")[2:] for m in _NORM_MARKERS):
                 continue
-            saved.append((p, p.detach().clone()))
+            if saved is not None:
+                saved.append((p, p.detach().clone()))
             if p.ndim >= 2 and "b_" not in leaf:
                 std = float(p.float().std())
                 fresh = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
                 p.copy_(fresh.to(p.dtype))
             else:
                 p.zero_()
-    return saved
 
 
 def untrained_copy(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -62,12 +62,13 @@ def untrained_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 def untrained(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
     """Inside the block ``model`` is untrained (the weights ``untrained_copy`` would draw); on
     exit, also on an exception, every re-drawn tensor is restored bit for bit."""
-    saved = _redraw(model, seed)
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
+        _redraw(model, seed, saved)
         yield model
     finally:
         with torch.no_grad():
-            for p, orig in saved:
+            for p, orig in reversed(saved):
                 p.copy_(orig)
 
 

@@ -291,7 +291,9 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     if cfg.lr_sensitivity:
         for g, rec in ft_by_lr.items():
             _sensitivity(ctx, zs, icl, rec, g)
-    del ft_by_lr, states  # the other grid rates' records are done with: free them early
+    # the other grid rates' records and states are done with: free them early
+    del ft_by_lr, states
+    rec = st = None
 
     extra: dict[str, Records] = {}
     if "layer_causal" in cfg.baselines:

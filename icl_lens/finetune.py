@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
@@ -76,13 +77,14 @@ class _ChunkedVocabCE(torch.autograd.Function):
             picked = logits.gather(1, t[:, None])[:, 0]
             loss += ((lse - picked) * w).sum()
             probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(t)), t] -= 1.0
+            probs[torch.arange(len(t), device=probs.device), t] -= 1.0
             probs *= w[:, None]
             grad[i : i + chunk] = (probs.to(w_u.dtype) @ w_u.T).to(h.dtype)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_out, None, None, None, None, None
@@ -97,7 +99,10 @@ def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -
     """
     n_layers, n_pos = len(resids), tokens.shape[1] - 1
     w_u = model.unembed.W_U
-    normed = model.ln_final(torch.cat(resids, dim=0)[:, :-1]).to(w_u.device)
+    norm_param = next(model.ln_final.parameters(), None)
+    device = norm_param.device if norm_param is not None else resids[-1].device
+    stacked = torch.cat([r.to(device) for r in resids], dim=0)[:, :-1]
+    normed = model.ln_final(stacked).to(w_u.device)
     b_u = getattr(model.unembed, "b_U", None)
     b_u = b_u.detach().float() if isinstance(b_u, Tensor) else None
     targets = tokens[:, 1:].to(w_u.device).expand(n_layers, -1).reshape(-1)

@@ -503,13 +503,18 @@ def dual(results: Results | pd.DataFrame) -> Figure:
     f = _frame(results)
 
     def series(prefix: str) -> list[S]:
-        return [
+        out = [
             S("ΔW_FT", f"dual_{prefix}_icl_ft", "dual", COLORS["ft"]),
             S("ΔW_FT, shuffled", f"dual_{prefix}_icl_ft_shuffled", "dual", COLORS["ft_shuffled"]),
             S("random U[0,1)", f"dual_{prefix}_icl_uniform", "dual", COLORS["uniform"]),
             S("random Gaussian", f"dual_{prefix}_icl_gaussian", "dual", COLORS["gaussian"]),
-            S("W_ZSL (any Σ v kᵀ)", f"dual_{prefix}_icl_zsl", "dual", COLORS["zs"]),
         ]
+        if prefix == "cos":
+            out.append(S("W_ZSL (any Σ v kᵀ)", "dual_cos_icl_zsl", "dual", COLORS["zs"]))
+        else:
+            out.insert(1, S("ΔW_FT, each on its own query", "dual_act_icl_ft_own", "dual",
+                            COLORS["ft"], True))  # fmt: skip
+        return out
 
     return _bar_panels(
         f,

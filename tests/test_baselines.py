@@ -62,3 +62,21 @@ def test_untrained_in_place_equals_copy_and_restores_exactly():
     with pytest.raises(RuntimeError, match="boom"), untrained(model, seed=5):
         raise RuntimeError("boom")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_untrained_restores_after_a_failure_midway(monkeypatch):
+    model = B.toy_model(2, 32, 4, 50, 64, seed=0, attn_only=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = torch.randn, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", flaky)
+    with pytest.raises(MemoryError), untrained(model, seed=1):
+        pass
+    assert calls["n"] == 3
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
