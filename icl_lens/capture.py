@@ -121,24 +121,32 @@ def capture(
         prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=B.input_device(model))
         cache = B.prefix_cache(model, prefix)
 
-    # Batches of similar length waste little compute on padding; results go back in order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
-    chunks: list[dict[str, Tensor]] = []
-    bar = tqdm(total=len(prompts), desc=f"capture {condition}", disable=not progress, leave=False)
-    for start in range(0, len(prompts), batch_size):
-        batch = [prompts[i] for i in order[start : start + batch_size]]
-        chunks.append(
-            _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache)
-        )
+    # Batches of similar length waste little compute on padding. Each batch writes its rows
+    # straight into the preallocated outputs, at the prompts' own indices (input order).
+    n, n_demo = len(prompts), len(demo_pos)
+    q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
+    out = {
+        "logits": torch.empty(n, len(label_ids)),
+        "attn_out": torch.empty(n, d.n_layers, d.d_model),
+        "q": torch.empty(n, d.n_layers, d.d_q),
+        "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
+        "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
+        "ds": torch.zeros(n, d.n_layers, d.n_heads, n_demo),
+        "dm": torch.zeros(n, d.n_layers, n_demo, dtype=torch.bool),
+    }
+    order = sorted(range(n), key=lambda i: len(prompts[i].tokens))
+    bar = tqdm(total=n, desc=f"capture {condition}", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        idx = torch.tensor(order[start : start + batch_size])
+        batch = [prompts[i] for i in idx.tolist()]
+        _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len,
+                   cache)  # fmt: skip
         bar.update(len(batch))
     bar.close()
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    cat = {k: torch.cat([c[k] for c in chunks])[back] for k in chunks[0] if k not in ("qs", "qm")}
-    q_len = max(c["qs"].shape[-1] for c in chunks)
-    pad = torch.nn.functional.pad
-    qs = torch.cat([pad(c["qs"], (0, q_len - c["qs"].shape[-1])) for c in chunks])[back]
-    qm = torch.cat([pad(c["qm"], (0, q_len - c["qm"].shape[-1])) for c in chunks])[back]
+    # Scores of padded query slots stay masked out; queries are right-padded, so the
+    # recorded row never attends to padding (causal attention).
+    out["qs"].masked_fill_(~out["qm"].unsqueeze(2), 0.0)
+    cat, qs, qm = out, out["qs"], out["qm"]
     return Records(
         condition=condition,
         record=record,
@@ -175,8 +183,9 @@ def _pad_left(row: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len, cache):
-    """One padded forward pass over ``batch``; returns CPU tensors for each field."""
+def _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len,
+               cache) -> None:  # fmt: skip
+    """One padded forward pass over ``batch``; writes rows ``idx`` of the CPU tensors ``out``."""
     n = len(batch)
     lengths = [len(p.tokens) - prefix_len for p in batch]
     width = max(lengths)
@@ -191,28 +200,18 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
     pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch])
     q_start = [p.spans.query[0] for p in batch]  # absolute
     q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
-    q_len = max(e - s for s, e in zip(q_start, q_end, strict=True))
     demo_idx = torch.tensor(demo_pos, dtype=torch.long)
-
-    out = {
-        "attn_out": torch.empty(n, d.n_layers, d.d_model),
-        "q": torch.empty(n, d.n_layers, d.d_q),
-        "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
-        "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
-        "ds": torch.zeros(n, d.n_layers, d.n_heads, len(demo_pos)),
-        "dm": torch.zeros(n, d.n_layers, len(demo_pos), dtype=torch.bool),
-    }
 
     def attn_out_hook(layer):
         def hook(t, hook):
-            out["attn_out"][:, layer] = _at(t, rows, rec).float().cpu()
+            out["attn_out"][idx, layer] = _at(t, rows, rec).float().cpu()
 
         return hook
 
     def q_hook(layer):
         def hook(t, hook):
             q = _at(t, rows, rec).flatten(-2) / scales[layer] ** 0.5
-            out["q"][:, layer] = q.float().cpu()
+            out["q"][idx, layer] = q.float().cpu()
 
         return hook
 
@@ -225,13 +224,13 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
             for i in range(n):
                 s, e = q_start[i], q_end[i]
                 own = row[i, :, s:e]
-                out["qs"][i, layer, :, : e - s] = own.cpu()
-                out["qm"][i, layer, : e - s] = _visible(own).all(0).cpu()
+                out["qs"][idx[i], layer, :, : e - s] = own
+                out["qm"][idx[i], layer, : e - s] = _visible(own).all(0)
             if len(demo_pos):
                 demo = row[:, :, demo_idx]
                 seen = _visible(demo)
-                out["ds"][:, layer] = torch.where(seen, demo, torch.zeros(())).cpu()
-                out["dm"][:, layer] = seen.all(1).cpu()
+                out["ds"][idx, layer] = torch.where(seen, demo, torch.zeros(()))
+                out["dm"][idx, layer] = seen.all(1)
 
         return hook
 
@@ -258,8 +257,4 @@ def _run_batch(model, batch, d, label_ids, w_u, b_u, scales, demo_pos, prefix_le
     logits = final["x"].to(w_u.dtype) @ w_u
     if b_u is not None:
         logits = logits + b_u
-    out["logits"] = logits.float().cpu()
-    # Scores of padded query slots stay masked out; queries are right-padded, so the
-    # recorded row never attends to padding (causal attention).
-    out["qs"] = torch.where(out["qm"].unsqueeze(2), out["qs"], torch.zeros(()))
-    return out
+    out["logits"][idx] = logits.float().cpu()
