@@ -39,10 +39,10 @@ class Records:
     labels: Int[Tensor, " example"]
     label_logits: Float[Tensor, "example label"]
     attn_out: Float[Tensor, "example layer d_model"]
-    q: Float[Tensor, "example layer d_q"]
+    q: Float[Tensor, "detail_example layer d_q"]  # the first detail_limit examples
     query_scores: Float[Tensor, "example layer head query_tok"]
     query_mask: Bool[Tensor, "example layer query_tok"]
-    demo_scores: Float[Tensor, "example layer head demo_tok"]
+    demo_scores: Float[Tensor, "detail_example layer head demo_tok"]
     demo_mask: Bool[Tensor, "example layer demo_tok"]
     demo_of_token: Int[Tensor, " demo_tok"] = field(default_factory=lambda: torch.zeros(0))
     n_tokens: Int[Tensor, " example"] = field(default_factory=lambda: torch.zeros(0))
@@ -80,12 +80,15 @@ def capture(
     *,
     batch_size: int = 8,
     shared_prefix: bool | None = None,
+    detail_limit: int | None = None,
     progress: bool = True,
 ) -> Records:
     """Run ``prompts`` (from ``tasks.build_prompt``) through ``model`` and keep the records.
 
     ``shared_prefix=None`` reuses the demonstration prefix's keys/values whenever all prompts
     share it and the model supports it; ``False`` always runs full prompts.
+    ``detail_limit=N`` keeps the two large per-example fields, ``q`` and ``demo_scores``, for
+    the first N prompts only (Kendall reads no more); everything else is kept for all.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
@@ -124,14 +127,17 @@ def capture(
     # Batches of similar length waste little compute on padding. Each batch writes its rows
     # straight into the preallocated outputs, at the prompts' own indices (input order).
     n, n_demo = len(prompts), len(demo_pos)
+    if detail_limit is not None and detail_limit < 0:
+        raise ValueError(f"detail_limit must be >= 0 or None, got {detail_limit}")
+    n_detail = n if detail_limit is None else min(n, detail_limit)
     q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
     out = {
         "logits": torch.empty(n, len(label_ids)),
         "attn_out": torch.empty(n, d.n_layers, d.d_model),
-        "q": torch.empty(n, d.n_layers, d.d_q),
+        "q": torch.empty(n_detail, d.n_layers, d.d_q),
         "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
         "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
-        "ds": torch.zeros(n, d.n_layers, d.n_heads, n_demo),
+        "ds": torch.zeros(n_detail, d.n_layers, d.n_heads, n_demo),
         "dm": torch.zeros(n, d.n_layers, n_demo, dtype=torch.bool),
     }
     order = sorted(range(n), key=lambda i: len(prompts[i].tokens))
@@ -139,8 +145,8 @@ def capture(
     for start in range(0, n, batch_size):
         idx = torch.tensor(order[start : start + batch_size])
         batch = [prompts[i] for i in idx.tolist()]
-        _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len,
-                   cache)  # fmt: skip
+        _run_batch(model, batch, idx, out, n_detail, d, label_ids, w_u, b_u, scales, demo_pos,
+                   prefix_len, cache)  # fmt: skip
         bar.update(len(batch))
     bar.close()
     # Scores of padded query slots stay masked out; queries are right-padded, so the
@@ -183,9 +189,10 @@ def _pad_left(row: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos, prefix_len,
-               cache) -> None:  # fmt: skip
-    """One padded forward pass over ``batch``; writes rows ``idx`` of the CPU tensors ``out``."""
+def _run_batch(model, batch, idx, out, n_detail, d, label_ids, w_u, b_u, scales, demo_pos,
+               prefix_len, cache) -> None:  # fmt: skip
+    """One padded forward pass over ``batch``; writes rows ``idx`` of the CPU tensors ``out``
+    (rows ``idx < n_detail`` only for ``q`` and ``demo_scores``)."""
     n = len(batch)
     lengths = [len(p.tokens) - prefix_len for p in batch]
     width = max(lengths)
@@ -201,6 +208,7 @@ def _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos,
     q_start = [p.spans.query[0] for p in batch]  # absolute
     q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
     demo_idx = torch.tensor(demo_pos, dtype=torch.long)
+    detail = idx < n_detail  # batch rows whose q / demo scores are kept
 
     def attn_out_hook(layer):
         def hook(t, hook):
@@ -210,8 +218,9 @@ def _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos,
 
     def q_hook(layer):
         def hook(t, hook):
-            q = _at(t, rows, rec).flatten(-2) / scales[layer] ** 0.5
-            out["q"][idx, layer] = q.float().cpu()
+            if detail.any():
+                q = _at(t, rows[detail], rec[detail]).flatten(-2) / scales[layer] ** 0.5
+                out["q"][idx[detail], layer] = q.float().cpu()
 
         return hook
 
@@ -229,7 +238,7 @@ def _run_batch(model, batch, idx, out, d, label_ids, w_u, b_u, scales, demo_pos,
             if len(demo_pos):
                 demo = row[:, :, demo_idx]
                 seen = _visible(demo)
-                out["ds"][idx, layer] = torch.where(seen, demo, torch.zeros(()))
+                out["ds"][idx[detail], layer] = torch.where(seen, demo, torch.zeros(()))[detail]
                 out["dm"][idx, layer] = seen.all(1)
 
         return hook

@@ -259,7 +259,8 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     icl_prompts = [build_prompt(spec, tok, q, demos, record=cfg.record) for q in evals]
 
     def run(m, prompts, cond):
-        return capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size, progress=progress)
+        return capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size,
+                       detail_limit=cfg.kendall_examples or None, progress=progress)  # fmt: skip
 
     stages = tqdm(total=6, desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
     zs, icl = run(model, zs_prompts, "zs"), run(model, icl_prompts, "icl")
@@ -287,6 +288,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
 
     _classification(ctx, zs, icl, ft, spec.n_labels)
     _similarities(ctx, zs, icl, ft, ft_state, "ft", lr)
+    _release(ft_state)
     _random_baselines(ctx, zs, icl, seed)
     if cfg.lr_sensitivity:
         for g, rec in ft_by_lr.items():
@@ -300,11 +302,13 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
             extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
         _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
+        _release(st)
     if "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1:
         shuffled = shuffle_labels(demos, seed)
         with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
             extra["ft_shuffled"] = run(model, zs_prompts, "ft")
         _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
+        _release(st)
     for variant, rec in extra.items():
         ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
                 n=len(rec), lr=lr)  # fmt: skip
@@ -393,6 +397,12 @@ def _classification(ctx: _Ctx, zs: Records, icl: Records, ft: Records, n_labels:
         "ft_changed": ca.n_ft_changed,
         "same": ca.n_same,
     }
+
+
+def _release(state) -> None:
+    """Drop an FT state's per-token queries once Kendall has used them (memory)."""
+    if state is not None:
+        state.train_q = state.train_token_demo = None
 
 
 def _qmask(rec: Records):

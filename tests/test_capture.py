@@ -253,3 +253,18 @@ def test_real_model_shared_prefix_equals_naive():
             diff = (getattr(rec, name)[i] - ref[name]).abs().max()
             scale = ref[name].abs().max()
             assert diff <= 1e-4 * max(1.0, float(scale)), (name, float(diff))
+
+
+def test_detail_limit_keeps_q_and_demo_scores_for_the_first_prompts(setup):
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, "icl", batch_size=3, progress=False)
+    some = capture(model, prompts, label_ids, "icl", batch_size=3, detail_limit=4, progress=False)
+    assert some.q.shape[0] == some.demo_scores.shape[0] == 4
+    torch.testing.assert_close(some.q, full.q[:4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(some.demo_scores, full.demo_scores[:4], atol=1e-6, rtol=0)
+    for name in ("attn_out", "label_logits", "query_scores", "demo_mask"):
+        torch.testing.assert_close(getattr(some, name), getattr(full, name), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="detail_limit"):
+        capture(model, prompts, label_ids, "icl", detail_limit=-1, progress=False)
