@@ -505,7 +505,10 @@ def prefix_cache(model: nn.Module, prefix: Tensor) -> PrefixCache:
         cache.freeze()
         return PrefixCache("tl3", cache, prefix.shape[1])
     with torch.no_grad():  # pragma: no cover - TL 4 leg
-        _, past = model(prefix, return_type="logits_and_cache")
+        try:  # logits of the last position only: the prefix's full-vocabulary logits
+            _, past = model(prefix, return_type="logits_and_cache", logits_to_keep=1)
+        except TypeError:  # (1800 x 262k floats on Gemma) would dominate peak memory
+            _, past = model(prefix, return_type="logits_and_cache")
     return PrefixCache("hf", past, prefix.shape[1])
 
 
