@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 COLUMNS = [
@@ -196,3 +197,41 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = overall.groupby("task")["seed"].nunique()
     table.index.name = "task"
     return table
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 3, row_digits: dict | None = None) -> str:
+    """A GitHub-markdown table of ``table`` (index as the first column); NaN shows as "–".
+
+    Floats get ``digits`` decimals, or ``row_digits[row]`` for the rows named there.
+    """
+
+    def cell(v: Any, n: int) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "–" if not np.isfinite(v) else f"{v:.{n}f}"
+        return str(v)
+
+    head = [str(table.index.name or ""), *map(str, table.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in table.iterrows():
+        n = (row_digits or {}).get(idx, digits)
+        lines.append("| " + " | ".join([str(idx), *(cell(v, n) for v in row.tolist())]) + " |")
+    return "\n".join(lines)
+
+
+def readme_tables(results: Results) -> str:
+    """The README's reference tables: the summary (metrics × tasks, mean over seeds) and the
+    accuracies of every seed (ZS / ICL / FT), so no single seed is cherry-picked."""
+    frame = results.to_frame()
+    summary = summary_table(frame).T
+    seeds = summary.loc["seeds"].astype(int).tolist()
+    summary = summary.drop(index="seeds")
+    summary.columns = [f"{t} ({n} seeds)" for t, n in zip(summary.columns, seeds, strict=True)]
+    summary.index.name = "mean over seeds"
+    acc = frame[(frame.metric == "accuracy") & (frame.layer.astype(str) == "mean")]
+    acc = acc[acc.variant.isin(["zs", "icl", "ft"])]
+    per_seed = acc.pivot_table(index=["task", "seed"], columns="variant", values="value") * 100
+    per_seed = per_seed[["zs", "icl", "ft"]].rename(columns=str.upper)
+    per_seed.index = [f"{t} seed {k}" for t, k in per_seed.index]
+    per_seed.index.name = "accuracy (%)"
+    percent = {c: 1 for m, _, c in SUMMARY_COLUMNS if m in PERCENT or m == "rec2ftp"}
+    return to_markdown(summary, 3, percent) + "\n\n" + to_markdown(per_seed, 1)
