@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
+from icl_lens.memory import release_memory
 
 CONDITIONS = ("zs", "icl", "ft")
 
@@ -152,6 +153,8 @@ def capture(
     # Scores of padded query slots stay masked out; queries are right-padded, so the
     # recorded row never attends to padding (causal attention).
     out["qs"].masked_fill_(~out["qm"].unsqueeze(2), 0.0)
+    del cache
+    release_memory()
     cat, qs, qm = out, out["qs"], out["qm"]
     return Records(
         condition=condition,

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
+from icl_lens.memory import release_memory
 
 MODES = ("standard", "layer_causal")
 
@@ -175,6 +176,7 @@ def finetuned(
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         model.train(was_training)
+        release_memory()
 
 
 def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool):
