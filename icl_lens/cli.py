@@ -46,6 +46,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         config["lr_grid"] = tuple(args.lr_grid)
     if args.baselines is not None:
         config["baselines"] = tuple(args.baselines)
+    if args.dual:
+        config["dual"] = True
     results = Results()
     for task in tqdm(tasks, desc="tasks"):
         results = results + run_experiment(
@@ -109,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--lr-grid", type=float, nargs="+", help="learning rates to choose from")
     rep.add_argument("--baselines", nargs="*", help="subset of the baselines to run")
     rep.add_argument("--record", default="label", choices=["label", "predict"])
+    rep.add_argument(
+        "--dual", action="store_true", help="add the ΔW_ICL vs ΔW_FT meta-gradient analysis"
+    )
     rep.add_argument("--batch-size", type=int, default=8)
     rep.add_argument("--n-boot", type=int, default=1000)
     rep.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

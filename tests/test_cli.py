@@ -38,3 +38,24 @@ def test_figures_on_missing_dir_is_one_line(capsys, tmp_path):
     code = cli.main(["figures", str(tmp_path / "nothing")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("icl-lens:") and len(err.splitlines()) == 1
+
+
+def test_reproduce_passes_dual_and_config_through(monkeypatch, tmp_path):
+    import icl_lens.experiment
+    import icl_lens.models
+
+    seen = {}
+
+    def fake_run(model, task, **kwargs):
+        seen.update(kwargs, task=task)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(icl_lens.models, "load_model", lambda name: object())
+    monkeypatch.setattr(icl_lens.experiment, "run_experiment", fake_run)
+    argv = ["reproduce", "--dual", "--tasks", "mr", "--lr", "0.01", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--no-figures"]) == 2
+    assert seen["dual"] is True and seen["task"] == "mr" and seen["lr"] == 0.01
+    assert seen["n_demos"] == 32 and seen["n_eval"] == 500 and seen["seeds"] == (0, 1, 2)
+    seen.clear()
+    assert cli.main(["reproduce", "--tasks", "mr", "--out", str(tmp_path), "--no-figures"]) == 2
+    assert "dual" not in seen
