@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.results.exists():
         ap.error(f"no results at {args.results}")
-    print(readme_tables(Results.load(args.results)))
+    try:
+        results = Results.load(args.results)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    print(readme_tables(results))
     return 0
 
 

@@ -89,7 +89,8 @@ def capture(
     ``shared_prefix=None`` reuses the demonstration prefix's keys/values whenever all prompts
     share it and the model supports it; ``False`` always runs full prompts.
     ``detail_limit=N`` keeps the two large per-example fields, ``q`` and ``demo_scores``, for
-    the first N prompts only (Kendall reads no more); everything else is kept for all.
+    the first N prompts only (Kendall reads no more); everything else, ``demo_mask`` included,
+    is kept for all, so pair ``demo_scores`` with ``demo_mask[: len(demo_scores)]``.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
@@ -98,6 +99,8 @@ def capture(
         raise ValueError("prompts mix recorded positions; build them with one record=...")
     if len(prompts) == 0:
         raise ValueError("no prompts to run; check that the evaluation set is not empty")
+    if detail_limit is not None and detail_limit < 0:
+        raise ValueError(f"detail_limit must be >= 0 or None, got {detail_limit}")
     d = B.dims(model)
     longest = max(len(p.tokens) for p in prompts)
     if longest > d.n_ctx:
@@ -128,8 +131,6 @@ def capture(
     # Batches of similar length waste little compute on padding. Each batch writes its rows
     # straight into the preallocated outputs, at the prompts' own indices (input order).
     n, n_demo = len(prompts), len(demo_pos)
-    if detail_limit is not None and detail_limit < 0:
-        raise ValueError(f"detail_limit must be >= 0 or None, got {detail_limit}")
     n_detail = n if detail_limit is None else min(n, detail_limit)
     q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
     out = {

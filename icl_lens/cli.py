@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baselines", nargs="*", help="subset of the baselines to run")
     rep.add_argument("--record", default="label", choices=["label", "predict"])
     rep.add_argument(
-        "--dual", action="store_true", help="add the ΔW_ICL vs ΔW_FT meta-gradient analysis"
+        "--dual",
+        action="store_true",
+        help="add the ΔW_ICL vs ΔW_FT meta-gradient analysis (a new config: seeds rerun)",
     )
     rep.add_argument("--batch-size", type=int, default=8)
     rep.add_argument("--n-boot", type=int, default=1000)

@@ -69,6 +69,8 @@ class ExperimentConfig:
                 "n_demos must be >= 1: with no demonstrations ICL equals ZS, the update is zero "
                 "and every similarity is undefined"
             )
+        if self.kendall_examples is not None and self.kendall_examples < 1:
+            raise ValueError("kendall_examples must be >= 1, or None for every example")
         if self.lr is None and not self.lr_grid:
             raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
 
@@ -260,7 +262,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
 
     def run(m, prompts, cond):
         return capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size,
-                       detail_limit=cfg.kendall_examples or None, progress=progress)  # fmt: skip
+                       detail_limit=cfg.kendall_examples, progress=progress)  # fmt: skip
 
     stages = tqdm(total=6, desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
     zs, icl = run(model, zs_prompts, "zs"), run(model, icl_prompts, "icl")

@@ -14,12 +14,9 @@ import functools
 
 @functools.cache
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    try:  # the C library already loaded into this process (no ldconfig/gcc needed)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
         return None
 
 

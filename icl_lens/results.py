@@ -206,9 +206,14 @@ def to_markdown(table: pd.DataFrame, digits: int = 3, row_digits: dict | None = 
     """
 
     def cell(v: Any, n: int) -> str:
+        if v is None or v is pd.NA:
+            return "–"
         if isinstance(v, (float, np.floating)):
-            return "–" if not np.isfinite(v) else f"{v:.{n}f}"
-        return str(v)
+            if not np.isfinite(v):
+                return "–"
+            text = f"{v:.{n}f}"
+            return text.lstrip("-") if float(text) == 0 else text  # no "-0.000"
+        return str(v).replace("|", "\\|")
 
     head = [str(table.index.name or ""), *map(str, table.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -257,7 +257,11 @@ def test_real_model_shared_prefix_equals_naive():
 
 def test_detail_limit_keeps_q_and_demo_scores_for_the_first_prompts(setup):
     model, tok, task, demos, evals = setup
-    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    queries = [  # different lengths, so the length-sorted batches come out of input order
+        dataclasses.replace(q, fields={"x": " ".join([q.fields["x"]] * (1 + (3 * i) % 5))})
+        for i, q in enumerate(evals)
+    ]
+    prompts = [build_prompt(task, tok, q, demos) for q in queries]
     label_ids = label_token_ids(task, tok)
     full = capture(model, prompts, label_ids, "icl", batch_size=3, progress=False)
     some = capture(model, prompts, label_ids, "icl", batch_size=3, detail_limit=4, progress=False)

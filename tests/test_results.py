@@ -27,13 +27,16 @@ def _run(task: str, seed: int, acc: dict[str, float], simaou: float) -> RunResul
 
 
 def test_to_markdown_formats_cells_and_rows():
-    table = pd.DataFrame({"a": [1.23456, np.nan], "b": ["x", 2.0]}, index=["r1", "r2"])
+    table = pd.DataFrame(
+        {"a": [1.23456, np.nan, -0.0004], "b": ["x", 2.0, "p|q"]}, index=["r1", "r2", "r3"]
+    )
     table.index.name = "name"
     assert to_markdown(table, 2, {"r2": 0}).splitlines() == [
         "| name | a | b |",
         "|---|---|---|",
         "| r1 | 1.23 | x |",
         "| r2 | – | 2 |",
+        "| r3 | 0.00 | p\\|q |",
     ]
 
 
@@ -54,6 +57,8 @@ def test_readme_reference_tables_match_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     if START not in readme:
         pytest.skip("the README has no reference tables yet (the reference run is not complete)")
-    quoted = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), readme, re.S).group(1)
+    found = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), readme, re.S)
+    assert found, f"README has {START} but no {END} after it"
+    quoted = found.group(1)
     results = Results.load(ROOT / "results" / "gemma-3-270m")
     assert quoted.strip() == readme_tables(results).strip()
