@@ -156,19 +156,18 @@ def capture(
     out["qs"].masked_fill_(~out["qm"].unsqueeze(2), 0.0)
     del cache
     release_memory()
-    cat, qs, qm = out, out["qs"], out["qm"]
     return Records(
         condition=condition,
         record=record,
         example_ids=[str(p.example_id) for p in prompts],
         labels=torch.tensor([int(p.label) for p in prompts]),
-        label_logits=cat["logits"],
-        attn_out=cat["attn_out"],
-        q=cat["q"],
-        query_scores=qs,
-        query_mask=qm,
-        demo_scores=cat["ds"],
-        demo_mask=cat["dm"],
+        label_logits=out["logits"],
+        attn_out=out["attn_out"],
+        q=out["q"],
+        query_scores=out["qs"],
+        query_mask=out["qm"],
+        demo_scores=out["ds"],
+        demo_mask=out["dm"],
         demo_of_token=demo_of_token,
         n_tokens=torch.tensor([len(p.tokens) for p in prompts]),
         prefix_cached=bool(prefix_len),
