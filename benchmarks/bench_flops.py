@@ -32,7 +32,7 @@ import torch
 
 from icl_lens import backend as B
 from icl_lens.data import load_task_data
-from icl_lens.experiment import run_experiment
+from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
 from icl_lens.tasks import build_prompt, build_train_sequence
 
@@ -79,9 +79,7 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
     icl_tok = prefix + sum(len(p.tokens) - prefix for p in icl)
     held_tok = sum(len(build_prompt(spec, tok, q).tokens) for q in held)
     train_tok = sum(len(build_train_sequence(spec, tok, d)) for d in demos)
-    grid = sorted(set(cfg["lr_grid"]) | ({cfg["lr"]} if cfg["lr"] is not None else set()))
-    if cfg["lr"] is not None and not cfg["lr_sensitivity"]:
-        grid = [cfg["lr"]]
+    grid = ExperimentConfig(**cfg).ft_rates
     base = set(cfg["baselines"])
     if len({d.label for d in demos}) < 2:  # run_experiment skips shuffled-label FT then
         base.discard("shuffled")

@@ -74,6 +74,13 @@ class ExperimentConfig:
         if self.lr is None and not self.lr_grid:
             raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
 
+    @property
+    def ft_rates(self) -> list[float]:
+        """The learning rates FT runs at: the grid plus ``lr`` (only ``lr`` without sensitivity)."""
+        if self.lr is not None and not self.lr_sensitivity:
+            return [self.lr]
+        return sorted(set(self.lr_grid) | ({self.lr} if self.lr is not None else set()))
+
     def key(self) -> str:
         """A short hash of the config, to refuse resuming a run made with other settings."""
         blob = json.dumps(asdict(self), sort_keys=True, default=list)
@@ -270,9 +277,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
 
     held = _heldout(data, demos, seed, cfg)
     held_prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in held]
-    grid = sorted(set(cfg.lr_grid) | ({cfg.lr} if cfg.lr is not None else set()))
-    if cfg.lr is not None and not cfg.lr_sensitivity:
-        grid = [cfg.lr]
+    grid = cfg.ft_rates
     ft_by_lr: dict[float, Records] = {}
     states: dict[float, Any] = {}
     held_acc: dict[float, float] = {}
