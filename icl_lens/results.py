@@ -223,20 +223,53 @@ def to_markdown(table: pd.DataFrame, digits: int = 3, row_digits: dict | None = 
     return "\n".join(lines)
 
 
+# (metric, variant, column, decimals) of the README's per-seed table
+PER_SEED_COLUMNS = [
+    ("accuracy", "zs", "ZS %", 1),
+    ("accuracy", "icl", "ICL %", 1),
+    ("accuracy", "ft", "FT %", 1),
+    ("simaou", "ft", "SimAOU", 3),
+    ("simaou_null", "ft", "null", 3),
+    ("simaou", "untrained", "untrained", 3),
+    ("rec2ftp", "ft", "Rec2FTP %", 1),
+    ("rec2ftp", "chance", "chance %", 1),
+    ("kendall_token", "ft", "Kendall", 3),
+]
+
+
+def per_seed_table(results: Results) -> pd.DataFrame:
+    """One row per (task, seed): accuracies, the chosen FT learning rate and the headline
+    similarities beside their nearest baselines, so no single seed is cherry-picked.
+
+    Cells are formatted strings ("–" where a metric was not run).
+    """
+    frame = results.to_frame()
+    frame = frame[frame.layer.astype(str) == "mean"]
+    lrs = {(r.task, r.seed): r.provenance.get("lr") for r in results.runs}
+    rows = {}
+    for (task, seed), sel in frame.groupby(["task", "seed"], sort=True):
+        row = {}
+        for metric, variant, column, digits in PER_SEED_COLUMNS:
+            hit = sel[(sel.metric == metric) & (sel.variant == variant)]["value"]
+            v = float(hit.iloc[0]) * (100.0 if metric in PERCENT else 1.0) if len(hit) else None
+            row[column] = "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+            if column == "FT %":
+                lr = lrs.get((task, seed))
+                row["FT lr"] = "–" if lr is None else f"{lr:g}"
+        rows[f"{task} seed {seed}"] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "task, seed"
+    return table
+
+
 def readme_tables(results: Results) -> str:
-    """The README's reference tables: the summary (metrics × tasks, mean over seeds) and the
-    accuracies of every seed (ZS / ICL / FT), so no single seed is cherry-picked."""
+    """The README's reference tables: the summary (metrics × tasks, mean over seeds) and one
+    row per seed (``per_seed_table``)."""
     frame = results.to_frame()
     summary = summary_table(frame).T
     seeds = summary.loc["seeds"].astype(int).tolist()
     summary = summary.drop(index="seeds")
     summary.columns = [f"{t} ({n} seeds)" for t, n in zip(summary.columns, seeds, strict=True)]
     summary.index.name = "mean over seeds"
-    acc = frame[(frame.metric == "accuracy") & (frame.layer.astype(str) == "mean")]
-    acc = acc[acc.variant.isin(["zs", "icl", "ft"])]
-    per_seed = acc.pivot_table(index=["task", "seed"], columns="variant", values="value") * 100
-    per_seed = per_seed[["zs", "icl", "ft"]].rename(columns=str.upper)
-    per_seed.index = [f"{t} seed {k}" for t, k in per_seed.index]
-    per_seed.index.name = "accuracy (%)"
     percent = {c: 1 for m, _, c in SUMMARY_COLUMNS if m in PERCENT or m == "rec2ftp"}
-    return to_markdown(summary, 3, percent) + "\n\n" + to_markdown(per_seed, 1)
+    return to_markdown(summary, 3, percent) + "\n\n" + to_markdown(per_seed_table(results))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from icl_lens.results import Results, RunResult, readme_tables, to_markdown
+from icl_lens.results import Results, RunResult, per_seed_table, readme_tables, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- reference-tables:start -->", "<!-- reference-tables:end -->"
@@ -49,8 +51,17 @@ def test_readme_tables_are_means_over_seeds_and_list_every_seed():
     assert "| mean over seeds | sst2 (2 seeds) |" in text
     assert "| ICL acc | 70.0 |" in text  # (60 + 80) / 2
     assert "| SimAOU | 0.200 |" in text
-    assert "| sst2 seed 0 | 50.0 | 60.0 | 70.0 |" in text
-    assert "| sst2 seed 1 | 50.0 | 80.0 | 90.0 |" in text
+    assert "| sst2 seed 0 | 50.0 | 60.0 | 70.0 | – | 0.100 | – |" in text
+    assert "| sst2 seed 1 | 50.0 | 80.0 | 90.0 | – | 0.300 | – |" in text
+
+
+def test_per_seed_table_reads_the_chosen_lr_from_provenance():
+    run = _run("mr", 3, {"zs": 0.25, "icl": 0.5, "ft": 0.75}, 0.2)
+    run.provenance["lr"] = 1e-3
+    table = per_seed_table(Results([run]))
+    assert table.loc["mr seed 3", "FT lr"] == "0.001"
+    assert table.loc["mr seed 3", "ICL %"] == "50.0"
+    assert table.loc["mr seed 3", "Kendall"] == "–"
 
 
 def test_readme_reference_tables_match_the_committed_results():
@@ -62,3 +73,23 @@ def test_readme_reference_tables_match_the_committed_results():
     quoted = found.group(1)
     results = Results.load(ROOT / "results" / "gemma-3-270m")
     assert quoted.strip() == readme_tables(results).strip()
+
+
+def test_make_tables_script_writes_the_marked_readme_block(tmp_path):
+    saved = Results([_run("sst2", 0, {"zs": 0.5, "icl": 0.6, "ft": 0.7}, 0.1)]).save(
+        tmp_path / "r.json"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nstale table\n{END}\noutro\n")
+    script = str(ROOT / "analyses" / "make_tables.py")
+    run = [sys.executable, script, str(saved), "--readme", str(readme)]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    block = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), text, re.S).group(1)
+    assert block == readme_tables(Results.load(saved)).strip()
+    readme.write_text("no markers here\n")
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "add the two markers" in proc.stderr
+    assert readme.read_text() == "no markers here\n"  # nothing lost
