@@ -199,65 +199,75 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def to_markdown(table: pd.DataFrame, digits: int = 3, row_digits: dict | None = None) -> str:
+def to_markdown(
+    table: pd.DataFrame,
+    digits: int = 3,
+    row_digits: dict | None = None,
+    col_formats: dict | None = None,
+) -> str:
     """A GitHub-markdown table of ``table`` (index as the first column); NaN shows as "–".
 
-    Floats get ``digits`` decimals, or ``row_digits[row]`` for the rows named there.
+    Floats get ``digits`` decimals, or ``row_digits[row]`` for the rows named there, or the
+    format spec ``col_formats[column]`` (e.g. ``".1f"``, ``"g"``) for the columns named there.
     """
 
-    def cell(v: Any, n: int) -> str:
+    def cell(v: Any, spec: str) -> str:
         if v is None or v is pd.NA:
             return "–"
         if isinstance(v, (float, np.floating)):
             if not np.isfinite(v):
                 return "–"
-            text = f"{v:.{n}f}"
+            text = format(v, spec)
             return text.lstrip("-") if float(text) == 0 else text  # no "-0.000"
         return str(v).replace("|", "\\|")
 
-    head = [str(table.index.name or ""), *map(str, table.columns)]
+    cols = [str(c) for c in table.columns]
+    head = [str(table.index.name or ""), *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for idx, row in table.iterrows():
-        n = (row_digits or {}).get(idx, digits)
-        lines.append("| " + " | ".join([str(idx), *(cell(v, n) for v in row.tolist())]) + " |")
+        default = f".{(row_digits or {}).get(idx, digits)}f"
+        specs = [(col_formats or {}).get(c, default) for c in cols]
+        cells = (cell(v, spec) for v, spec in zip(row.tolist(), specs, strict=True))
+        lines.append("| " + " | ".join([str(idx), *cells]) + " |")
     return "\n".join(lines)
 
 
-# (metric, variant, column, decimals) of the README's per-seed table
+# (metric, variant, column, format) of the README's per-seed table; "FT lr" follows "FT %"
 PER_SEED_COLUMNS = [
-    ("accuracy", "zs", "ZS %", 1),
-    ("accuracy", "icl", "ICL %", 1),
-    ("accuracy", "ft", "FT %", 1),
-    ("simaou", "ft", "SimAOU", 3),
-    ("simaou_null", "ft", "null", 3),
-    ("simaou", "untrained", "untrained", 3),
-    ("rec2ftp", "ft", "Rec2FTP %", 1),
-    ("rec2ftp", "chance", "chance %", 1),
-    ("kendall_token", "ft", "Kendall", 3),
+    ("accuracy", "zs", "ZS %", ".1f"),
+    ("accuracy", "icl", "ICL %", ".1f"),
+    ("accuracy", "ft", "FT %", ".1f"),
+    ("simaou", "ft", "SimAOU", ".3f"),
+    ("simaou_null", "ft", "null", ".3f"),
+    ("simaou", "untrained", "untrained", ".3f"),
+    ("rec2ftp", "ft", "Rec2FTP %", ".1f"),
+    ("rec2ftp", "chance", "chance %", ".1f"),
+    ("kendall_token", "ft", "Kendall", ".3f"),
 ]
+PER_SEED_FORMATS = {column: spec for *_, column, spec in PER_SEED_COLUMNS} | {"FT lr": "g"}
 
 
 def per_seed_table(results: Results) -> pd.DataFrame:
     """One row per (task, seed): accuracies, the chosen FT learning rate and the headline
     similarities beside their nearest baselines, so no single seed is cherry-picked.
 
-    Cells are formatted strings ("–" where a metric was not run).
+    Values are numbers (accuracies in percent, NaN where a metric was not run); format them
+    with ``to_markdown(table, col_formats=PER_SEED_FORMATS)``.
     """
     frame = results.to_frame()
     frame = frame[frame.layer.astype(str) == "mean"]
+    wide = frame.pivot_table(index=["task", "seed"], columns=["metric", "variant"],
+                             values="value", aggfunc="first")  # fmt: skip
+    table = pd.DataFrame(index=wide.index)
+    for metric, variant, column, _ in PER_SEED_COLUMNS:
+        col = wide.get((metric, variant), pd.Series(np.nan, index=wide.index))
+        table[column] = col.astype(float) * (100.0 if metric in PERCENT else 1.0)
     lrs = {(r.task, r.seed): r.provenance.get("lr") for r in results.runs}
-    rows = {}
-    for (task, seed), sel in frame.groupby(["task", "seed"], sort=True):
-        row = {}
-        for metric, variant, column, digits in PER_SEED_COLUMNS:
-            hit = sel[(sel.metric == metric) & (sel.variant == variant)]["value"]
-            v = float(hit.iloc[0]) * (100.0 if metric in PERCENT else 1.0) if len(hit) else None
-            row[column] = "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-            if column == "FT %":
-                lr = lrs.get((task, seed))
-                row["FT lr"] = "–" if lr is None else f"{lr:g}"
-        rows[f"{task} seed {seed}"] = row
-    table = pd.DataFrame.from_dict(rows, orient="index")
+    lr = [lrs.get(key) for key in table.index]
+    table.insert(
+        table.columns.get_loc("FT %") + 1, "FT lr", [np.nan if x is None else x for x in lr]
+    )
+    table.index = [f"{t} seed {k}" for t, k in table.index]
     table.index.name = "task, seed"
     return table
 
@@ -272,4 +282,8 @@ def readme_tables(results: Results) -> str:
     summary.columns = [f"{t} ({n} seeds)" for t, n in zip(summary.columns, seeds, strict=True)]
     summary.index.name = "mean over seeds"
     percent = {c: 1 for m, _, c in SUMMARY_COLUMNS if m in PERCENT or m == "rec2ftp"}
-    return to_markdown(summary, 3, percent) + "\n\n" + to_markdown(per_seed_table(results))
+    return (
+        to_markdown(summary, 3, percent)
+        + "\n\n"
+        + to_markdown(per_seed_table(results), col_formats=PER_SEED_FORMATS)
+    )

@@ -11,7 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icl_lens.results import Results, RunResult, per_seed_table, readme_tables, to_markdown
+from icl_lens.results import (
+    PER_SEED_FORMATS,
+    Results,
+    RunResult,
+    per_seed_table,
+    readme_tables,
+    to_markdown,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- reference-tables:start -->", "<!-- reference-tables:end -->"
@@ -59,9 +66,11 @@ def test_per_seed_table_reads_the_chosen_lr_from_provenance():
     run = _run("mr", 3, {"zs": 0.25, "icl": 0.5, "ft": 0.75}, 0.2)
     run.provenance["lr"] = 1e-3
     table = per_seed_table(Results([run]))
-    assert table.loc["mr seed 3", "FT lr"] == "0.001"
-    assert table.loc["mr seed 3", "ICL %"] == "50.0"
-    assert table.loc["mr seed 3", "Kendall"] == "–"
+    assert table.loc["mr seed 3", "FT lr"] == 1e-3
+    assert table.loc["mr seed 3", "ICL %"] == 50.0
+    assert np.isnan(table.loc["mr seed 3", "Kendall"])
+    row = to_markdown(table, col_formats=PER_SEED_FORMATS).splitlines()[2]
+    assert row == "| mr seed 3 | 25.0 | 50.0 | 75.0 | 0.001 | 0.200 | – | – | – | – | – |"
 
 
 def test_readme_reference_tables_match_the_committed_results():
