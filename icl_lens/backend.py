@@ -323,6 +323,12 @@ def unembed_rows(model: nn.Module, token_ids: Sequence[int]) -> tuple[Tensor, Te
     return w_rows, b_rows
 
 
+def logit_soft_cap(model: nn.Module) -> float | None:
+    """The soft cap on output logits (``cap · tanh(logits / cap)``, Gemma 2), or None."""
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids go: the embedding's device (layers may live on other devices)."""
     return model.embed.W_E.device

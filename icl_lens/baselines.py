@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,9 +24,46 @@ from icl_lens.tasks import Example
 _NORM_MARKERS = ("norm", "ln")
 
 
-def _redraw(model: nn.Module, seed: int, saved: list | None = None) -> None:
-    """Re-draw attention/MLP weights in place; appends (parameter, original) to ``saved``
-    before each write, so a failure midway can still be undone.
+class _Spill:
+    """Originals of overwritten tensors, kept in an anonymous temporary file, not in RAM.
+
+    The re-drawn attention/MLP weights are most of a model (400 MB of Gemma-3-270m's 1 GB);
+    a second copy in memory would set the protocol's peak RSS. The file is deleted on close.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="icl-lens-untrained-")
+        self._saved: list[tuple[nn.Parameter, int]] = []
+
+    def __enter__(self) -> _Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def save(self, p: nn.Parameter) -> None:
+        """Append ``p``'s current bytes (before it is overwritten)."""
+        data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        self._file.write(data)
+        self._saved.append((p, len(data)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write every saved original back, bit for bit (last saved first)."""
+        self._file.flush()
+        end = self._file.tell()
+        for p, n in reversed(self._saved):
+            end -= n
+            self._file.seek(end)
+            raw = bytearray(self._file.read(n))
+            orig = torch.frombuffer(raw, dtype=torch.uint8).view(p.dtype).view(p.shape)
+            p.copy_(orig.to(p.device))
+        self._saved.clear()
+
+
+def _redraw(model: nn.Module, seed: int, saved: _Spill | None = None) -> None:
+    """Re-draw attention/MLP weights in place; each original goes to ``saved`` before its
+    write, so a failure midway can still be undone.
 
     Each re-drawn matrix is i.i.d. normal with the original matrix's standard deviation, so
     activation scales stay comparable; attention/MLP biases are zeroed; norm weights inside
@@ -38,7 +76,7 @@ def _redraw(model: nn.Module, seed: int, saved: list | None = None) -> None:
             if any(m in part for part in name.lower().split(".")[2:] for m in _NORM_MARKERS):
                 continue
             if saved is not None:
-                saved.append((p, p.detach().clone()))
+                saved.save(p)
             if p.ndim >= 2 and "b_" not in leaf:
                 std = float(p.float().std())
                 fresh = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
@@ -62,14 +100,12 @@ def untrained_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 def untrained(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
     """Inside the block ``model`` is untrained (the weights ``untrained_copy`` would draw); on
     exit, also on an exception, every re-drawn tensor is restored bit for bit."""
-    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
-        _redraw(model, seed, saved)
-        yield model
-    finally:
-        with torch.no_grad():
-            for p, orig in reversed(saved):
-                p.copy_(orig)
+    with _Spill() as saved:
+        try:
+            _redraw(model, seed, saved)
+            yield model
+        finally:
+            saved.restore()
 
 
 def shuffle_labels(demos: Sequence[Example], seed: int) -> list[Example]:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -26,6 +25,7 @@ from icl_lens import backend as B
 from icl_lens.memory import release_memory
 
 MODES = ("standard", "layer_causal")
+VOCAB_CHUNK = 2048  # unembedding columns per step of the loss's vocabulary pass (~5 MB fp32)
 
 
 class FinetuneDivergedError(FloatingPointError):
@@ -50,37 +50,55 @@ class FTState:
         return len(self.losses)
 
 
-def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over every position that has a target."""
-    return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
-
-
 class _ChunkedVocabCE(torch.autograd.Function):
-    """Σ_rows weight · CE(h @ W_U + b_U, target), computed a few rows at a time.
+    """Σ_rows weight · CE(logits(h), target) with logits = h @ W_U + b_U (optionally soft-capped).
 
-    The full-vocabulary logits of all rows never exist at once: each chunk's logits give its
-    loss and, right away, its gradient w.r.t. ``h`` (``(softmax − onehot) · weight @ W_Uᵀ``),
-    which backward returns. Same FLOPs as autograd, memory of one chunk. W_U gets no gradient.
+    One pass over the vocabulary in chunks of ``chunk`` columns, with an online softmax: each
+    chunk's logits update the running max/sum of every row and, while the chunk's unembedding
+    columns are still in cache, the running ``Σ_v exp(l_v − max) · ∂l_v/∂h``. So W_U is read
+    from memory once per call (autograd reads it twice: logits, then their gradient), and no
+    row's full-vocabulary logits ever exist. Backward returns the gradient w.r.t. ``h`` that
+    forward already computed; W_U gets none. Same FLOPs as autograd.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, w_u: Tensor, b_u: Tensor | None, targets: Tensor,
-                weight: Tensor, chunk: int) -> Tensor:  # fmt: skip
+                weight: Tensor, chunk: int, soft_cap: float | None = None) -> Tensor:  # fmt: skip
         dtype = torch.promote_types(h.dtype, torch.float32)  # half inputs: fp32 softmax
-        loss = h.new_zeros((), dtype=dtype)
-        grad = torch.empty_like(h)
-        for i in range(0, h.shape[0], chunk):
-            logits = (h[i : i + chunk] @ w_u).to(dtype)
+        x = h.to(dtype)
+        emb = w_u.T  # [vocab, d]: contiguous rows when W_U is a tied embedding's transpose
+        n_rows, n_vocab = x.shape[0], emb.shape[0]
+        run_max = x.new_full((n_rows,), float("-inf"))
+        run_sum = x.new_zeros(n_rows)
+        acc = x.new_zeros(x.shape)  # Σ_v exp(l_v − run_max) · ∂l_v/∂h, rescaled as max grows
+        for j in range(0, n_vocab, chunk):
+            e_c = emb[j : j + chunk].to(dtype)
+            logits = x @ e_c.T
             if b_u is not None:
-                logits += b_u
-            t, w = targets[i : i + chunk], weight[i : i + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t[:, None])[:, 0]
-            loss += ((lse - picked) * w).sum()
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(t), device=probs.device), t] -= 1.0
-            probs *= w[:, None]
-            grad[i : i + chunk] = (probs.to(w_u.dtype) @ w_u.T).to(h.dtype)
+                logits += b_u[j : j + chunk].to(dtype)
+            if soft_cap:
+                logits.div_(soft_cap).tanh_()
+                slope = 1.0 - logits * logits  # ∂(cap·tanh(l/cap))/∂l
+                logits.mul_(soft_cap)
+            new_max = torch.maximum(run_max, logits.amax(1))
+            rescale = torch.exp(run_max - new_max)
+            probs = logits.sub_(new_max[:, None]).exp_()
+            run_sum = run_sum * rescale + probs.sum(1)
+            if soft_cap:
+                probs *= slope
+            acc.mul_(rescale[:, None]).addmm_(probs, e_c)
+            run_max = new_max
+        lse = run_max + torch.log(run_sum)
+        e_t = emb[targets].to(dtype)  # [row, d]: each row's target column
+        picked = (x * e_t).sum(1)
+        if b_u is not None:
+            picked += b_u[targets].to(dtype)
+        if soft_cap:
+            picked = soft_cap * torch.tanh(picked / soft_cap)
+            e_t *= (1.0 - (picked / soft_cap) ** 2)[:, None]
+        w = weight.to(dtype)
+        loss = ((lse - picked) * w).sum()
+        grad = ((acc / run_sum[:, None] - e_t) * w[:, None]).to(h.dtype)
         ctx.save_for_backward(grad)
         return loss
 
@@ -88,30 +106,35 @@ class _ChunkedVocabCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None
+        return grad * grad_out, None, None, None, None, None, None
+
+
+def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    """Σ_rows weight · LM loss of final-normed rows ``normed`` [row, d_model], computed the way
+    the model computes its logits (unembedding, bias, output soft-cap) without full logits."""
+    w_u = model.unembed.W_U
+    b_u = getattr(model.unembed, "b_U", None)
+    b_u = b_u.detach() if isinstance(b_u, Tensor) else None
+    dtype = torch.promote_types(w_u.dtype, torch.float32)
+    return _ChunkedVocabCE.apply(normed.to(w_u.device), w_u.detach(), b_u,
+                                 targets.to(w_u.device), weight.to(w_u.device, dtype),
+                                 VOCAB_CHUNK, B.logit_soft_cap(model))  # fmt: skip
 
 
 def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
     """Sum over layers of each layer's own mean LM loss (final norm, then unembedding).
 
-    All layers' rows go through one chunked vocabulary projection, which reads the (large)
-    unembedding a few times per step instead of twice per layer and bounds the logits'
-    memory to one chunk (DESIGN: peak RSS).
+    All layers' rows go through one vocabulary pass, which reads the (large) unembedding once
+    per step instead of twice per layer (DESIGN: peak RSS and the FLOP bound).
     """
     n_layers, n_pos = len(resids), tokens.shape[1] - 1
-    w_u = model.unembed.W_U
     norm_param = next(model.ln_final.parameters(), None)
     device = norm_param.device if norm_param is not None else resids[-1].device
     stacked = torch.cat([r.to(device) for r in resids], dim=0)[:, :-1]
-    normed = model.ln_final(stacked).to(w_u.device)
-    b_u = getattr(model.unembed, "b_U", None)
-    b_u = b_u.detach().float() if isinstance(b_u, Tensor) else None
-    targets = tokens[:, 1:].to(w_u.device).expand(n_layers, -1).reshape(-1)
-    dtype = torch.promote_types(w_u.dtype, torch.float32)
-    weight = torch.full((n_layers * n_pos,), 1.0 / n_pos, device=w_u.device, dtype=dtype)
-    chunk = max(1, 2**25 // w_u.shape[1])  # ~128 MB of fp32 logits at a time
-    h = normed.reshape(-1, normed.shape[-1])
-    return _ChunkedVocabCE.apply(h, w_u.detach(), b_u, targets, weight, chunk)
+    normed = model.ln_final(stacked)
+    targets = tokens[:, 1:].expand(n_layers, -1).reshape(-1)
+    weight = torch.full((n_layers * n_pos,), 1.0 / n_pos)
+    return _vocab_loss(model, normed.reshape(-1, normed.shape[-1]), targets, weight)
 
 
 def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
@@ -221,9 +244,16 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
             B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
             loss = _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
         else:
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(tokens)
-            loss = _lm_loss(logits, tokens)
+            final: dict[str, Tensor] = {}
+
+            def keep_final(t, hook, final=final):
+                final["x"] = t
+
+            stop = B.final_norm_hook_name(model)
+            B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
+            n_pos = tokens.shape[1] - 1
+            weight = torch.full((n_pos,), 1.0 / n_pos)
+            loss = _vocab_loss(model, final["x"][0, :-1], tokens[0, 1:], weight)
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise FinetuneDivergedError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels, untrained, untrained_copy
@@ -80,3 +81,27 @@ def test_untrained_restores_after_a_failure_midway(monkeypatch):
         pass
     assert calls["n"] == 3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_spill_restores_bit_for_bit(dtype):
+    """The untrained baseline's originals live in a temporary file and come back exactly."""
+    from icl_lens.baselines import _Spill
+
+    gen = torch.Generator().manual_seed(1)
+    params = [
+        nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in ((3, 4), (5,), (2, 1, 2))
+    ]
+    before = [p.detach().clone() for p in params]
+    with _Spill() as spill:
+        for p in params:
+            spill.save(p)
+            with torch.no_grad():
+                p.add_(1.0)
+        spill.save(params[0])  # saved twice: the first (original) copy wins on restore
+        with torch.no_grad():
+            params[0].mul_(3.0)
+        spill.restore()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert p.dtype == dtype

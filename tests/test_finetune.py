@@ -182,17 +182,34 @@ def test_layer_causal_last_layer_update_equals_standard_ft(setup):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_chunked_vocab_ce_matches_autograd(chunk):
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_chunked_vocab_ce_matches_autograd(chunk, soft_cap):
+    """The one-pass online-softmax loss and its gradient equal autograd's, for any chunking."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     w_u = torch.randn(5, 11, generator=gen, dtype=torch.float64)
     b_u = torch.randn(11, generator=gen, dtype=torch.float64)
     targets = torch.randint(0, 11, (7,), generator=gen)
     weight = torch.rand(7, generator=gen, dtype=torch.float64)
-    ce = torch.nn.functional.cross_entropy(h @ w_u + b_u, targets, reduction="none")
+    logits = h @ w_u + b_u
+    if soft_cap:
+        logits = soft_cap * torch.tanh(logits / soft_cap)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     want = (ce * weight).sum()
     (g_want,) = torch.autograd.grad(2.5 * want, h)
-    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, chunk)
+    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, chunk, soft_cap)
     (g_got,) = torch.autograd.grad(2.5 * got, h)
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_ft_loss_equals_model_logits_loss(setup):
+    """The first step's recorded loss is the mean next-token CE of the model's own logits."""
+    model, tok, task, demos = setup
+    seq = build_train_sequence(task, tok, demos[0])
+    tokens = torch.tensor([seq])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(tokens)[0, :-1], tokens[0, 1:])
+    with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok) as st:
+        pass
+    assert st.losses[0] == pytest.approx(float(want), rel=1e-5)
