@@ -25,12 +25,14 @@ baseline) through ``run_experiment`` and prints, measured side by side in this o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import time
 
 import torch
 
 from icl_lens import backend as B
+from icl_lens import experiment as E
 from icl_lens.data import load_task_data
 from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
@@ -100,6 +102,36 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
     }
 
 
+class StageTimer:
+    """Wall seconds inside ``capture`` and inside each finetune's training, by wrapping the
+    names ``icl_lens.experiment`` calls (the rest is metrics, baselines and bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def _add(self, key: str, start: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def install(self) -> None:
+        capture, finetuned = E.capture, E.finetuned
+
+        def timed_capture(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return capture(*args, **kwargs)
+            finally:
+                self._add(f"capture {args[3] if len(args) > 3 else kwargs.get('condition')}", start)
+
+        @contextlib.contextmanager
+        def timed_finetuned(*args, **kwargs):
+            start = time.perf_counter()
+            with finetuned(*args, **kwargs) as state:
+                self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
+                yield state
+
+        E.capture, E.finetuned = timed_capture, timed_finetuned
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma-3-270m")
@@ -117,6 +149,8 @@ def main() -> None:
     d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d.d_model)
     tput = [matmul_gflops(d.d_model, d_mlp)]
     data = load_task_data(args.task)
+    timer = StageTimer()
+    timer.install()
     start = time.perf_counter()
     res = run_experiment(model, args.task, args.n_demos, args.n_eval, seeds=(args.seed,), data=data,
                          model_name=args.model, progress=False)  # fmt: skip
@@ -145,6 +179,9 @@ def main() -> None:
           f"({need['flops'] / 1e12:.2f} TFLOP, non-embedding): {wall / bound:.2f}x")  # fmt: skip
     print(f"    with the FT losses' vocabulary projections: bound {bound_v:.1f}s "
           f"({(need['flops'] + vocab_flops) / 1e12:.2f} TFLOP): {wall / bound_v:.2f}x")  # fmt: skip
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timer.seconds.items()))
+    rest = wall - sum(timer.seconds.values())
+    print(f"    where the wall time went: {stages}, everything else {rest:.1f}s")
     print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
 
 

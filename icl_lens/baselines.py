@@ -44,7 +44,13 @@ class _Spill:
     def save(self, p: nn.Parameter) -> None:
         """Append ``p``'s current bytes (before it is overwritten)."""
         data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:  # p is not overwritten yet; the caller restores the others
+            raise OSError(
+                f"cannot back up the weights the untrained baseline re-draws ({e}); point "
+                "TMPDIR at a disk with room, or leave 'untrained' out of baselines"
+            ) from e
         self._saved.append((p, len(data)))
 
     @torch.no_grad()

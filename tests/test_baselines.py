@@ -105,3 +105,32 @@ def test_spill_restores_bit_for_bit(dtype):
     for p, b in zip(params, before, strict=True):
         assert torch.equal(p.detach(), b)
         assert p.dtype == dtype
+
+
+def test_spill_failure_names_the_fix_and_loses_nothing(monkeypatch):
+    """A full temp disk mid-backup: a one-line error naming the fix; every weight comes back."""
+    import tempfile
+
+    model = B.toy_model(2, 32, 4, 50, 64, seed=0, attn_only=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = tempfile.TemporaryFile
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self._f, self._writes = real(*args, **kwargs), 0
+
+        def write(self, data):
+            self._writes += 1
+            if self._writes == 3:
+                raise OSError(28, "No space left on device")
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", FullDisk)
+    with pytest.raises(OSError, match="TMPDIR"):
+        with untrained(model, 0):
+            pass
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
