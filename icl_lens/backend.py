@@ -557,12 +557,34 @@ def run_with_prefix(
             past_kv_cache=expanded,
         )
         return
-    past = copy.deepcopy(cache.state)  # pragma: no cover - TL 4 leg
-    if hasattr(past, "batch_repeat_interleave"):
-        past.batch_repeat_interleave(batch)
+    past = _expanded_hf_cache(cache.state, batch)  # pragma: no cover - TL 4 leg
     run_until(
         model, tokens, fwd_hooks, stop_at=stop_at, attention_mask=full_mask, past_key_values=past
     )
+
+
+def _expanded_hf_cache(state: object, batch: int) -> object:  # pragma: no cover - TL 4 leg
+    """A copy of a one-row transformers cache that ``batch`` rows can extend.
+
+    Each layer's keys/values become broadcast views of the shared prefix (no copy): a
+    layer's update concatenates new keys onto them into fresh tensors, so the shared cache
+    is never written. Unknown cache layouts fall back to a deep copy repeated per row.
+    """
+    layers = getattr(state, "layers", None)
+    if layers is None or not all(hasattr(ly, "keys") and hasattr(ly, "values") for ly in layers):
+        past = copy.deepcopy(state)
+        if hasattr(past, "batch_repeat_interleave"):
+            past.batch_repeat_interleave(batch)
+        return past
+    past = copy.copy(state)
+    past.layers = []
+    for layer in layers:
+        mine = copy.copy(layer)
+        if isinstance(layer.keys, Tensor) and layer.keys.numel():
+            mine.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+            mine.values = layer.values.expand(batch, *layer.values.shape[1:])
+        past.layers.append(mine)
+    return past
 
 
 # --------------------------------------------------------------------------- checkpoints
