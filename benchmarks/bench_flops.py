@@ -67,7 +67,8 @@ def param_counts(model) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embed, "kv": kv}
 
 
-def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: int) -> dict:
+def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: int,
+                 n_layers: int) -> dict:  # fmt: skip
     """The protocol's unavoidable FLOPs for one finished (task, seed), from its provenance."""
     prov, cfg = run.provenance, run.provenance["config"]
     by_id = {x.id: x for x in [*data.eval, *data.demo_pool]}
@@ -92,7 +93,26 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
     n, n_kv = counts["non_embedding"], counts["kv"]
     fwd_tokens = n_zs * zs_tok + n_icl * icl_tok + len(grid) * held_tok + (n_ft + n_lc) * train_tok
     flops = 2 * n * fwd_tokens + (n_ft + n_lc) * train_tok * (2 * n + 2 * n_kv)
+    # the same FLOPs by stage, keyed as StageTimer keys them: (non-embedding, vocabulary)
+    n_plain_zs = 1 + ("untrained" in base)  # ZS on the model and on the untrained model
+    step, vocab_tok = 4 * n + 2 * n_kv, 4 * vocab * d_model
+    ft_layers = n_layers if cfg["ft_mode"] == "layer_causal" else 1
+    stages: dict[str, list[float]] = {
+        "capture zs": [2 * n * n_plain_zs * zs_tok, 0],
+        "capture icl": [2 * n * n_icl * icl_tok, 0],
+        "capture ft": [2 * n * ((n_zs - n_plain_zs) * zs_tok + len(grid) * held_tok), 0],
+        f"finetune {cfg['ft_mode']}": [
+            n_ft * train_tok * step,
+            ft_layers * n_ft * train_tok * vocab_tok,
+        ],
+    }
+    if n_lc:
+        lc = stages.setdefault("finetune layer_causal", [0, 0])
+        lc[0] += n_lc * train_tok * step
+        lc[1] += n_layers * n_lc * train_tok * vocab_tok
+    assert abs(sum(s[0] for s in stages.values()) - flops) <= 1e-6 * flops
     return {
+        "stages": stages,
         "tokens": {"zs": zs_tok, "icl": icl_tok, "heldout": held_tok, "train": train_tok},
         "runs": {"zs_like": n_zs, "icl": n_icl, "ft": n_ft, "layer_causal": n_lc},
         "flops": flops,
@@ -156,7 +176,7 @@ def main() -> None:
                          model_name=args.model, progress=False)  # fmt: skip
     wall = time.perf_counter() - start
     tput.append(matmul_gflops(d.d_model, d_mlp))
-    need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab)
+    need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab, d.n_layers)
     per_layer = d.n_layers if res.runs[0].provenance["config"]["ft_mode"] == "layer_causal" else 1
     vocab_flops = need["vocab_flops_per_ft_token"] * (
         per_layer * need["train_tokens_ft"] + d.n_layers * need["train_tokens_lc"]
@@ -179,9 +199,13 @@ def main() -> None:
           f"({need['flops'] / 1e12:.2f} TFLOP, non-embedding): {wall / bound:.2f}x")  # fmt: skip
     print(f"    with the FT losses' vocabulary projections: bound {bound_v:.1f}s "
           f"({(need['flops'] + vocab_flops) / 1e12:.2f} TFLOP): {wall / bound_v:.2f}x")  # fmt: skip
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timer.seconds.items()))
-    rest = wall - sum(timer.seconds.values())
-    print(f"    where the wall time went: {stages}, everything else {rest:.1f}s")
+    print("    by stage: wall vs its share of the bound (non-embedding; with vocabulary):")
+    for key, seconds in sorted(timer.seconds.items()):
+        plain, vocab_part = need["stages"].get(key, (0.0, 0.0))
+        b, bv = plain / (best * 1e9), (plain + vocab_part) / (best * 1e9)
+        ratios = f"{seconds / b:.2f}x; {seconds / bv:.2f}x" if b else "not in the bound"
+        print(f"      {key:<22} {seconds:7.1f}s vs {b:6.1f}s; {bv:6.1f}s  ({ratios})")
+    print(f"      {'everything else':<22} {wall - sum(timer.seconds.values()):7.1f}s")
     print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
 
 
