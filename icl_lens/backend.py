@@ -570,8 +570,15 @@ def _expanded_hf_cache(state: object, batch: int) -> object:  # pragma: no cover
     layer's update concatenates new keys onto them into fresh tensors, so the shared cache
     is never written. Unknown cache layouts fall back to a deep copy repeated per row.
     """
+    from transformers import cache_utils
+
+    plain = tuple(
+        getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer")
+        if hasattr(cache_utils, n)
+    )  # fmt: skip
     layers = getattr(state, "layers", None)
-    if layers is None or not all(hasattr(ly, "keys") and hasattr(ly, "values") for ly in layers):
+    # only layers whose update is a pure concatenation (others keep per-row or in-place state)
+    if layers is None or not all(type(ly) in plain for ly in layers):
         past = copy.deepcopy(state)
         if hasattr(past, "batch_repeat_interleave"):
             past.batch_repeat_interleave(batch)

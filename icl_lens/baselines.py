@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -28,12 +29,15 @@ class _Spill:
     """Originals of overwritten tensors, kept in an anonymous temporary file, not in RAM.
 
     The re-drawn attention/MLP weights are most of a model (400 MB of Gemma-3-270m's 1 GB);
-    a second copy in memory would set the protocol's peak RSS. The file is deleted on close.
+    a second copy in memory would set the protocol's peak RSS. The file is unbuffered and
+    every entry has a recorded offset, so a failed (even partial) write is cut off and loses
+    no earlier entry. The file is deleted on close.
     """
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="icl-lens-untrained-")
-        self._saved: list[tuple[nn.Parameter, int]] = []
+        self._file = tempfile.TemporaryFile(prefix="icl-lens-untrained-", buffering=0)
+        self._saved: list[tuple[nn.Parameter, int, int]] = []  # (tensor, offset, bytes)
+        self._end = 0
 
     def __enter__(self) -> _Spill:
         return self
@@ -43,28 +47,47 @@ class _Spill:
 
     def save(self, p: nn.Parameter) -> None:
         """Append ``p``'s current bytes (before it is overwritten)."""
-        data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        data = memoryview(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        start = self._end
         try:
-            self._file.write(data)
+            self._file.seek(start)
+            while data:
+                data = data[self._file.write(data) :]
         except OSError as e:  # p is not overwritten yet; the caller restores the others
+            with contextlib.suppress(OSError):
+                self._file.truncate(start)
             raise OSError(
                 f"cannot back up the weights the untrained baseline re-draws ({e}); point "
                 "TMPDIR at a disk with room, or leave 'untrained' out of baselines"
             ) from e
-        self._saved.append((p, len(data)))
+        n = p.numel() * p.element_size()
+        self._saved.append((p, start, n))
+        self._end = start + n
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Write every saved original back, bit for bit (last saved first)."""
-        self._file.flush()
-        end = self._file.tell()
-        for p, n in reversed(self._saved):
-            end -= n
-            self._file.seek(end)
-            raw = bytearray(self._file.read(n))
-            orig = torch.frombuffer(raw, dtype=torch.uint8).view(p.dtype).view(p.shape)
-            p.copy_(orig.to(p.device))
+        """Write every saved original back, bit for bit (last saved first); every entry is
+        tried even if one fails, and the first failure is raised afterwards."""
+        failure: BaseException | None = None
+        for p, start, n in reversed(self._saved):
+            try:
+                if n == 0:
+                    continue
+                self._file.seek(start)
+                raw = bytearray(n)
+                view, got = memoryview(raw), 0
+                while got < n:
+                    k = self._file.readinto(view[got:])
+                    if not k:
+                        raise OSError(f"the untrained baseline's backup file is short ({got}/{n})")
+                    got += k
+                orig = torch.frombuffer(raw, dtype=torch.uint8).view(p.dtype).view(p.shape)
+                p.copy_(orig.to(p.device))
+            except (OSError, RuntimeError) as e:
+                failure = failure or e
         self._saved.clear()
+        if failure is not None:
+            raise failure
 
 
 def _redraw(model: nn.Module, seed: int, saved: _Spill | None = None) -> None:

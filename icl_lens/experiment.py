@@ -290,6 +290,9 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         states[g] = st
     lr, heldout = _pick_lr(cfg, held_acc, held)
     ft_state = states[lr]
+    for g, st in states.items():  # only the chosen rate's training queries feed Kendall
+        if g != lr:
+            _release(st)
     stages.update(2)
     ft = ft_by_lr[lr]
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -80,7 +81,8 @@ class _ChunkedVocabCE(torch.autograd.Function):
                 logits.div_(soft_cap).tanh_()
                 slope = 1.0 - logits * logits  # ∂(cap·tanh(l/cap))/∂l
                 logits.mul_(soft_cap)
-            new_max = torch.maximum(run_max, logits.amax(1))
+            # a row whose logits so far are all -inf keeps a finite reference (no -inf - -inf)
+            new_max = torch.maximum(run_max, logits.amax(1)).clamp_min(torch.finfo(dtype).min)
             rescale = torch.exp(run_max - new_max)
             probs = logits.sub_(new_max[:, None]).exp_()
             run_sum = run_sum * rescale + probs.sum(1)
@@ -119,6 +121,36 @@ def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tenso
     return _ChunkedVocabCE.apply(normed.to(w_u.device), w_u.detach(), b_u,
                                  targets.to(w_u.device), weight.to(w_u.device, dtype),
                                  VOCAB_CHUNK, B.logit_soft_cap(model))  # fmt: skip
+
+
+def _final_norm_loss(model: nn.Module, tokens: Tensor, hooks: list) -> Tensor:
+    """The mean LM loss of ``tokens`` [1, pos] from the final-normed residual, by the one-pass
+    vocabulary loss (the forward stops before the model's own unembedding)."""
+    final: dict[str, Tensor] = {}
+
+    def keep_final(t, hook):
+        final["x"] = t
+
+    stop = B.final_norm_hook_name(model)
+    B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
+    n_pos = tokens.shape[1] - 1
+    weight = torch.full((n_pos,), 1.0 / n_pos)
+    return _vocab_loss(model, final["x"][0, :-1], tokens[0, 1:], weight)
+
+
+def _vocab_pass_matches(model: nn.Module, tokens: Tensor, trained: Sequence[Tensor]) -> bool:
+    """Whether the one-pass vocabulary loss is the model's own loss here: no trained tensor is
+    (a view of) the unembedding, and on ``tokens`` it equals the CE of the model's logits, so
+    logit transforms it does not know (e.g. a logit scale) are caught, not assumed away."""
+    unembed = [t for t in (model.unembed.W_U, getattr(model.unembed, "b_U", None))
+               if isinstance(t, Tensor)]  # fmt: skip
+    shared = {t.untyped_storage().data_ptr() for t in unembed}
+    if any(p.untyped_storage().data_ptr() in shared for p in trained):
+        return False
+    with torch.no_grad():
+        want = F.cross_entropy(model(tokens)[0, :-1].float(), tokens[0, 1:])
+        got = _final_norm_loss(model, tokens, [])
+    return bool(torch.isclose(got.float(), want, rtol=1e-4, atol=1e-5))
 
 
 def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
@@ -216,6 +248,13 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     q_steps: list[Tensor] = []
     token_demo: list[int] = []
     model.eval()  # no dropout in TL models; eval keeps any stochastic layer off
+    vocab_pass = _vocab_pass_matches(model, torch.tensor([sequences[0]], device=device), trained)
+    if state.mode == "layer_causal" and not vocab_pass:
+        raise NotImplementedError(
+            "layer-causal FT needs logits = unembed(final_norm(resid)) (optionally soft-capped) "
+            "and an untrained unembedding; this model or parameter list differs: use "
+            "mode='standard'"
+        )
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
         tokens = torch.tensor([seq], device=device)
         if tokens.shape[1] > d.n_ctx:
@@ -243,17 +282,12 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
                     hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
             B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
             loss = _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
+        elif vocab_pass:
+            loss = _final_norm_loss(model, tokens, hooks)
         else:
-            final: dict[str, Tensor] = {}
-
-            def keep_final(t, hook, final=final):
-                final["x"] = t
-
-            stop = B.final_norm_hook_name(model)
-            B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
-            n_pos = tokens.shape[1] - 1
-            weight = torch.full((n_pos,), 1.0 / n_pos)
-            loss = _vocab_loss(model, final["x"][0, :-1], tokens[0, 1:], weight)
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(tokens)
+            loss = F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise FinetuneDivergedError(

@@ -213,3 +213,51 @@ def test_ft_loss_equals_model_logits_loss(setup):
     with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok) as st:
         pass
     assert st.losses[0] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_chunked_vocab_ce_with_masked_first_chunk():
+    """Rows whose first vocabulary chunk is all -inf (a masked bias) stay finite, as autograd."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_u = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    b_u = torch.zeros(8, dtype=torch.float64)
+    b_u[:2] = float("-inf")
+    targets = torch.tensor([2, 5, 7, 3])
+    weight = torch.full((4,), 0.25, dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(h @ w_u + b_u, targets)
+    (g_want,) = torch.autograd.grad(want, h)
+    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, 2, None)
+    (g_got,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_unknown_logit_transform_falls_back_to_the_models_logits(setup):
+    """A model that scales its logits after the unembedding: FT uses the model's own logits
+    (the one-pass vocabulary loss would be wrong), and layer-causal FT refuses clearly."""
+    model, tok, task, demos = setup
+    handle = model.unembed.register_forward_hook(lambda module, args, out: out * 3.0)
+    try:
+        tokens = torch.tensor([build_train_sequence(task, tok, demos[0])])
+        with torch.no_grad():
+            want = torch.nn.functional.cross_entropy(model(tokens)[0, :-1], tokens[0, 1:])
+        with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok) as st:
+            pass
+        assert st.losses[0] == pytest.approx(float(want), rel=1e-5)
+        with pytest.raises(NotImplementedError, match="mode='standard'"):
+            with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok, mode="layer_causal"):
+                pass
+    finally:
+        handle.remove()
+
+
+def test_training_the_unembedding_uses_the_models_logits(setup):
+    """A parameter list that includes the unembedding still trains it (full-logits path)."""
+    model, tok, task, demos = setup
+    ptr = model.unembed.W_U.untyped_storage().data_ptr()  # TL 4: W_U is a view of a leaf
+    name, w_u = next((n, p) for n, p in model.named_parameters()
+                     if p.untyped_storage().data_ptr() == ptr)  # fmt: skip
+    before = w_u.detach().clone()
+    with finetuned(model, demos[:2], 0.5, task=task, tokenizer=tok, params=[(name, w_u)]):
+        assert not torch.equal(w_u.detach(), before)
+    assert torch.equal(w_u.detach(), before)
