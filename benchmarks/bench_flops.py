@@ -117,9 +117,7 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
         "tokens": {"zs": zs_tok, "icl": icl_tok, "heldout": held_tok, "train": train_tok},
         "runs": {"zs_like": n_zs, "icl": n_icl, "ft": n_ft, "layer_causal": n_lc},
         "flops": flops,
-        "vocab_flops_per_ft_token": 4 * vocab * d_model,
-        "train_tokens_ft": n_ft * train_tok,
-        "train_tokens_lc": n_lc * train_tok,
+        "vocab_flops": sum(s[1] for s in stages.values()),
     }
 
 
@@ -189,10 +187,7 @@ def main() -> None:
     wall = time.perf_counter() - start - timer.probe_seconds
     tput.append(matmul_gflops(d.d_model, d_mlp))
     need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab, d.n_layers)
-    per_layer = d.n_layers if res.runs[0].provenance["config"]["ft_mode"] == "layer_causal" else 1
-    vocab_flops = need["vocab_flops_per_ft_token"] * (
-        per_layer * need["train_tokens_ft"] + d.n_layers * need["train_tokens_lc"]
-    )
+    vocab_flops = need["vocab_flops"]
     best = max(tput + timer.readings)
     bound = need["flops"] / (best * 1e9)
     bound_v = (need["flops"] + vocab_flops) / (best * 1e9)

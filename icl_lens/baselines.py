@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 
 import numpy as np
@@ -54,7 +53,7 @@ class _Spill:
             while data:
                 data = data[self._file.write(data) :]
         except OSError as e:  # p is not overwritten yet; the caller restores the others
-            with contextlib.suppress(OSError):
+            with suppress(OSError):
                 self._file.truncate(start)
             raise OSError(
                 f"cannot back up the weights the untrained baseline re-draws ({e}); point "

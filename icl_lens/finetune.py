@@ -123,33 +123,37 @@ def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tenso
                                  VOCAB_CHUNK, B.logit_soft_cap(model))  # fmt: skip
 
 
-def _final_norm_loss(model: nn.Module, tokens: Tensor, hooks: list) -> Tensor:
-    """The mean LM loss of ``tokens`` [1, pos] from the final-normed residual, by the one-pass
-    vocabulary loss (the forward stops before the model's own unembedding)."""
-    final: dict[str, Tensor] = {}
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of the model's own logits [1, pos, vocab]."""
+    return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
 
-    def keep_final(t, hook):
-        final["x"] = t
 
-    stop = B.final_norm_hook_name(model)
-    B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
+def _final_norm_loss(model: nn.Module, normed: Tensor, tokens: Tensor) -> Tensor:
+    """The mean LM loss of ``tokens`` [1, pos] from their final-normed residual [1, pos, d],
+    by the one-pass vocabulary loss."""
     n_pos = tokens.shape[1] - 1
     weight = torch.full((n_pos,), 1.0 / n_pos)
-    return _vocab_loss(model, final["x"][0, :-1], tokens[0, 1:], weight)
+    return _vocab_loss(model, normed[0, :-1], tokens[0, 1:], weight)
 
 
 def _vocab_pass_matches(model: nn.Module, tokens: Tensor, trained: Sequence[Tensor]) -> bool:
     """Whether the one-pass vocabulary loss is the model's own loss here: no trained tensor is
     (a view of) the unembedding, and on ``tokens`` it equals the CE of the model's logits, so
-    logit transforms it does not know (e.g. a logit scale) are caught, not assumed away."""
+    logit transforms it does not know (e.g. a logit scale) are caught, not assumed away.
+    One forward pass gives both: the logits and, by a hook, the final-normed residual."""
     unembed = [t for t in (model.unembed.W_U, getattr(model.unembed, "b_U", None))
                if isinstance(t, Tensor)]  # fmt: skip
     shared = {t.untyped_storage().data_ptr() for t in unembed}
     if any(p.untyped_storage().data_ptr() in shared for p in trained):
         return False
-    with torch.no_grad():
-        want = F.cross_entropy(model(tokens)[0, :-1].float(), tokens[0, 1:])
-        got = _final_norm_loss(model, tokens, [])
+    final: dict[str, Tensor] = {}
+
+    def keep_final(t, hook):
+        final["x"] = t
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(B.final_norm_hook_name(model), keep_final)]):
+        want = _lm_loss(model(tokens), tokens)
+        got = _final_norm_loss(model, final["x"], tokens)
     return bool(torch.isclose(got.float(), want, rtol=1e-4, atol=1e-5))
 
 
@@ -282,12 +286,18 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
                     hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
             B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
             loss = _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
-        elif vocab_pass:
-            loss = _final_norm_loss(model, tokens, hooks)
+        elif vocab_pass:  # stop before the model's own unembedding
+            final: dict[str, Tensor] = {}
+
+            def keep_final(t, hook, final=final):
+                final["x"] = t
+
+            stop = B.final_norm_hook_name(model)
+            B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
+            loss = _final_norm_loss(model, final["x"], tokens)
         else:
             with model.hooks(fwd_hooks=hooks):
-                logits = model(tokens)
-            loss = F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+                loss = _lm_loss(model(tokens), tokens)
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
             raise FinetuneDivergedError(
