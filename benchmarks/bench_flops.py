@@ -143,7 +143,7 @@ class StageTimer:
         self.probe_seconds += time.perf_counter() - probe_start
 
     def install(self) -> None:
-        capture, finetuned = E.capture, E.finetuned
+        capture, finetuned, finetuned_grid = E.capture, E.finetuned, E.finetuned_grid
 
         def timed_capture(*args, **kwargs):
             start = time.perf_counter()
@@ -159,7 +159,14 @@ class StageTimer:
                 self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
                 yield state
 
-        E.capture, E.finetuned = timed_capture, timed_finetuned
+        @contextlib.contextmanager
+        def timed_grid(*args, **kwargs):  # the grid's rates train side by side, before yield
+            start = time.perf_counter()
+            with finetuned_grid(*args, **kwargs) as grid:
+                self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
+                yield grid
+
+        E.capture, E.finetuned, E.finetuned_grid = timed_capture, timed_finetuned, timed_grid
 
 
 def main() -> None:

@@ -213,6 +213,113 @@ def kv_parameters(
     return [p for _, p in named_kv_parameters(model, include_bias, layers)]
 
 
+@contextmanager
+def kv_deltas(model: nn.Module, deltas: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, batch row ``r`` computes its K/V projections with ``W + deltas[i][r]``.
+
+    ``deltas[i]`` is ``[rows, *p.shape]`` for the i-th tensor of ``named_kv_parameters(model)``,
+    so one batched pass runs several K/V-finetuned copies of the model side by side (one per
+    row; every other weight shared). Gradients flow to ``deltas``. The extra term is added
+    where the projection is computed, before anything reads it (qk-norm, rotary, hooks).
+    Raises NotImplementedError for layouts it cannot patch (split per-head inputs, fused QKV).
+    """
+    named = named_kv_parameters(model)
+    if len(deltas) != len(named):
+        raise ValueError(f"need {len(named)} deltas (one per K/V tensor), got {len(deltas)}")
+    by_param = {id(p): (name, t) for (name, p), t in zip(named, deltas, strict=True)}
+    handles = []
+    try:
+        if is_bridge(model):
+            handles += _bridge_delta_hooks(model, by_param)
+        else:
+            handles += _tl3_delta_hooks(model, by_param)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, rows: int, eq: str) -> Tensor:
+    """Σ_in x·w (+ b) per batch row, with ``x``'s batch = rows × per-row copies."""
+    if x.shape[0] % rows:
+        raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {rows} delta rows")
+    per = x.shape[0] // rows
+    w = None if w is None else w.repeat_interleave(per, 0)
+    out = 0 if w is None else torch.einsum(eq, x, w.to(x.dtype))
+    if b is not None:
+        out = out + b.repeat_interleave(per, 0).to(x.dtype).view(
+            b.shape[0] * per, *([1] * (x.dim() - 2)), *b.shape[1:]
+        )
+    return out
+
+
+def _bridge_delta_hooks(model: nn.Module, by_param: dict) -> list:
+    """TL 4: K/V are ``nn.Linear`` s inside ``attn.k``/``attn.v``; add ``x Δwᵀ + Δb`` to them."""
+    handles = []
+    for layer in range(dims(model).n_layers):
+        for proj in ("k", "v"):
+            linear = getattr(model.blocks[layer].attn, proj)
+            inner = [m for m in linear.modules() if isinstance(m, nn.Linear)]
+            if len(inner) != 1 or not any(id(p) in by_param for p in inner[0].parameters()):
+                raise NotImplementedError(
+                    f"blocks.{layer}.attn.{proj} is not one nn.Linear; cannot run K/V deltas"
+                )
+            lin = inner[0]
+            w = by_param.get(id(lin.weight), (None, None))[1]
+            b = by_param.get(id(lin.bias), (None, None))[1] if lin.bias is not None else None
+
+            def add(mod, args, out, w=w, b=b):
+                rows = (w if w is not None else b).shape[0]
+                return out + _row_term(args[0], w, b, rows, "b...i,boi->b...o")
+
+            handles.append(lin.register_forward_hook(add))
+    return handles
+
+
+def _tl3_delta_hooks(model: nn.Module, by_param: dict) -> list:
+    """TL 3: keep the attention's ``key_input``/``value_input`` (a pre-hook) and add
+    ``x·ΔW + Δb`` at ``hook_k``/``hook_v``, where TL writes ``x·W_K + b_K``."""
+    handles = []
+    for layer in range(dims(model).n_layers):
+        attn = model.blocks[layer].attn
+        seen: dict[str, Tensor] = {}
+
+        def keep(mod, args, kwargs, seen=seen):
+            seen["k"], seen["v"] = kwargs.get("key_input"), kwargs.get("value_input")
+
+        handles.append(attn.register_forward_pre_hook(keep, with_kwargs=True))
+        for kind in ("k", "v"):
+            w = _param_delta(attn, "W_" + kind.upper(), by_param)
+            b = _param_delta(attn, "b_" + kind.upper(), by_param)
+            if w is None and b is None:
+                continue
+
+            def add(mod, args, out, w=w, b=b, kind=kind, seen=seen):
+                x = seen.get(kind)
+                if x is None or x.dim() != 3:
+                    raise NotImplementedError("K/V deltas need one [batch, pos, d_model] input")
+                ww, bb = w, b
+                heads = out.shape[2]
+                if ww is not None and ww.shape[1] != heads:  # GQA run ungrouped
+                    ww = ww.repeat_interleave(heads // ww.shape[1], 1)
+                if bb is not None and bb.shape[1] != heads:
+                    bb = bb.repeat_interleave(heads // bb.shape[1], 1)
+                rows = (ww if ww is not None else bb).shape[0]
+                return out + _row_term(x, ww, bb, rows, "bpd,bhde->bphe")
+
+            handles.append(getattr(attn, f"hook_{kind}").register_forward_hook(add))
+    return handles
+
+
+def _param_delta(attn: nn.Module, name: str, by_param: dict) -> Tensor | None:
+    """The delta of TL 3 parameter ``name`` (or its grouped-query ``_name``), if trained."""
+    for key in (name, "_" + name):
+        p = attn._parameters.get(key)
+        if p is not None and id(p) in by_param:
+            return by_param[id(p)][1]
+    return None
+
+
 def attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """All leaf parameters of attention (Q, K, V, O) and MLP sublayers, for re-initialisation."""
     out = []

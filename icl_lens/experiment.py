@@ -31,7 +31,7 @@ from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
 from icl_lens.data import TaskData, load_task_data, sample_demos
-from icl_lens.finetune import finetuned
+from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.results import Results, RunResult, atomic_write_json
 from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task, label_token_ids
 
@@ -281,14 +281,25 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     ft_by_lr: dict[float, Records] = {}
     states: dict[float, Any] = {}
     held_acc: dict[float, float] = {}
-    for g in tqdm(grid, desc="FT learning rates", disable=not progress, leave=False):
-        with finetuned(model, demos, g, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
-            ft_by_lr[g] = run(model, zs_prompts, "ft")
-            if cfg.lr is None:
-                rec = run(model, held_prompts, "ft")
-                held_acc[g] = M.accuracy(rec.preds, rec.labels)
-        states[g] = st
-    lr, heldout = _pick_lr(cfg, held_acc, held)
+    # every grid rate trains side by side (one batch row each), then is applied in turn
+    with finetuned_grid(model, demos, grid, task=spec, tokenizer=tok, mode=cfg.ft_mode,
+                        progress=progress) as ft_grid:  # fmt: skip
+        for g in tqdm(grid, desc="FT learning rates", disable=not progress, leave=False):
+            try:
+                with ft_grid.applied(g) as st:
+                    ft_by_lr[g] = run(model, zs_prompts, "ft")
+                    if cfg.lr is None:
+                        rec = run(model, held_prompts, "ft")
+                        held_acc[g] = M.accuracy(rec.preds, rec.labels)
+            except FinetuneDivergedError:
+                if g == cfg.lr:  # the user's own rate: nothing to fall back on
+                    raise
+                continue
+            states[g] = st
+        diverged = dict(ft_grid.diverged)
+    for message in diverged.values():
+        log.warning("%s seed %d: %s; rate left out", spec.name, seed, message)
+    lr, heldout = _pick_lr(cfg, held_acc, held, diverged)
     ft_state = states[lr]
     for g, st in states.items():  # only the chosen rate's training queries feed Kendall
         if g != lr:
@@ -370,10 +381,18 @@ def _heldout(data: TaskData, demos, seed: int, cfg: ExperimentConfig) -> list[Ex
     return held
 
 
-def _pick_lr(cfg: ExperimentConfig, accs: dict[float, float], held: list[Example]):
-    """The grid rate with the best held-out FT accuracy (ties: the smaller rate)."""
+def _pick_lr(cfg: ExperimentConfig, accs: dict[float, float], held: list[Example],
+             diverged: dict[float, str]):  # fmt: skip
+    """The grid rate with the best held-out FT accuracy (ties: the smaller rate); rates whose
+    FT loss diverged are left out and listed."""
+    gone = {repr(g): message for g, message in diverged.items()}
     if cfg.lr is not None:
-        return float(cfg.lr), {"chosen_by": "user", "lr": float(cfg.lr)}
+        return float(cfg.lr), {"chosen_by": "user", "lr": float(cfg.lr), "diverged": gone}
+    if not accs:
+        raise FinetuneDivergedError(
+            f"FT diverged at every rate of lr_grid {list(cfg.lr_grid)}; pass a grid with lower "
+            "learning rates (lr_grid=...)"
+        )
     best = max(accs.values())
     lr = min(g for g, a in accs.items() if a == best)
     return lr, {
@@ -381,6 +400,7 @@ def _pick_lr(cfg: ExperimentConfig, accs: dict[float, float], held: list[Example
         "lr": lr,
         "heldout_accuracy": {repr(g): a for g, a in accs.items()},
         "heldout_ids": [x.id for x in held],
+        "diverged": gone,
     }
 
 

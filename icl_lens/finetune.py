@@ -11,6 +11,7 @@ losses are summed, so each layer's K/V learn only from their own loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class FTState:
 
 
 class _ChunkedVocabCE(torch.autograd.Function):
-    """Σ_rows weight · CE(logits(h), target) with logits = h @ W_U + b_U (optionally soft-capped).
+    """Per row, weight · CE(logits(h), target) with logits = h @ W_U + b_U (optionally
+    soft-capped).
 
     One pass over the vocabulary in chunks of ``chunk`` columns, with an online softmax: each
     chunk's logits update the running max/sum of every row and, while the chunk's unembedding
@@ -99,7 +101,7 @@ class _ChunkedVocabCE(torch.autograd.Function):
             picked = soft_cap * torch.tanh(picked / soft_cap)
             e_t *= (1.0 - (picked / soft_cap) ** 2)[:, None]
         w = weight.to(dtype)
-        loss = ((lse - picked) * w).sum()
+        loss = (lse - picked) * w
         grad = ((acc / run_sum[:, None] - e_t) * w[:, None]).to(h.dtype)
         ctx.save_for_backward(grad)
         return loss
@@ -108,12 +110,12 @@ class _ChunkedVocabCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None, None
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
 def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
-    """Σ_rows weight · LM loss of final-normed rows ``normed`` [row, d_model], computed the way
-    the model computes its logits (unembedding, bias, output soft-cap) without full logits."""
+    """Per row, weight · LM loss of final-normed rows ``normed`` [row, d_model], computed the
+    way the model computes its logits (unembedding, bias, output soft-cap) without full logits."""
     w_u = model.unembed.W_U
     b_u = getattr(model.unembed, "b_U", None)
     b_u = b_u.detach() if isinstance(b_u, Tensor) else None
@@ -123,17 +125,21 @@ def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tenso
                                  VOCAB_CHUNK, B.logit_soft_cap(model))  # fmt: skip
 
 
-def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of the model's own logits [1, pos, vocab]."""
-    return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Float[Tensor, " seq"]:
+    """Each sequence's mean next-token cross-entropy of the model's own logits [seq, pos, vocab]."""
+    n_seq, n_pos = tokens.shape[0], tokens.shape[1] - 1
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                         reduction="none")  # fmt: skip
+    return ce.view(n_seq, n_pos).mean(1)
 
 
-def _final_norm_loss(model: nn.Module, normed: Tensor, tokens: Tensor) -> Tensor:
-    """The mean LM loss of ``tokens`` [1, pos] from their final-normed residual [1, pos, d],
-    by the one-pass vocabulary loss."""
-    n_pos = tokens.shape[1] - 1
-    weight = torch.full((n_pos,), 1.0 / n_pos)
-    return _vocab_loss(model, normed[0, :-1], tokens[0, 1:], weight)
+def _final_norm_loss(model: nn.Module, normed: Tensor, tokens: Tensor) -> Float[Tensor, " seq"]:
+    """Each sequence's mean LM loss of ``tokens`` [seq, pos] from their final-normed residual
+    [seq, pos, d], by the one-pass vocabulary loss."""
+    n_seq, n_pos = tokens.shape[0], tokens.shape[1] - 1
+    weight = torch.full((n_seq * n_pos,), 1.0 / n_pos)
+    rows = normed[:, :-1].reshape(n_seq * n_pos, -1)
+    return _vocab_loss(model, rows, tokens[:, 1:].reshape(-1), weight).view(n_seq, n_pos).sum(1)
 
 
 def _vocab_pass_matches(model: nn.Module, tokens: Tensor, trained: Sequence[Tensor]) -> bool:
@@ -154,23 +160,68 @@ def _vocab_pass_matches(model: nn.Module, tokens: Tensor, trained: Sequence[Tens
     with torch.no_grad(), model.hooks(fwd_hooks=[(B.final_norm_hook_name(model), keep_final)]):
         want = _lm_loss(model(tokens), tokens)
         got = _final_norm_loss(model, final["x"], tokens)
-    return bool(torch.isclose(got.float(), want, rtol=1e-4, atol=1e-5))
+    return bool(torch.isclose(got.float(), want, rtol=1e-4, atol=1e-5).all())
 
 
 def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
-    """Sum over layers of each layer's own mean LM loss (final norm, then unembedding).
+    """Per sequence, the sum over layers of each layer's own mean LM loss (final norm, then
+    unembedding); ``resids`` are the layers' outputs [seq, pos, d].
 
     All layers' rows go through one vocabulary pass, which reads the (large) unembedding once
     per step instead of twice per layer (DESIGN: peak RSS and the FLOP bound).
     """
-    n_layers, n_pos = len(resids), tokens.shape[1] - 1
+    n_layers, (n_seq, n_pos) = len(resids), (tokens.shape[0], tokens.shape[1] - 1)
     norm_param = next(model.ln_final.parameters(), None)
     device = norm_param.device if norm_param is not None else resids[-1].device
-    stacked = torch.cat([r.to(device) for r in resids], dim=0)[:, :-1]
-    normed = model.ln_final(stacked)
-    targets = tokens[:, 1:].expand(n_layers, -1).reshape(-1)
-    weight = torch.full((n_layers * n_pos,), 1.0 / n_pos)
-    return _vocab_loss(model, normed.reshape(-1, normed.shape[-1]), targets, weight)
+    stacked = torch.stack([r.to(device) for r in resids])[:, :, :-1]  # [layer, seq, pos, d]
+    normed = model.ln_final(stacked.flatten(0, 1)).reshape(n_layers * n_seq * n_pos, -1)
+    targets = tokens[:, 1:].expand(n_layers, -1, -1).reshape(-1)
+    weight = torch.full((n_layers * n_seq * n_pos,), 1.0 / n_pos)
+    losses = _vocab_loss(model, normed, targets, weight)
+    return losses.view(n_layers, n_seq, n_pos).sum((0, 2))
+
+
+def _step_losses(model: nn.Module, tokens: Tensor, mode: str, vocab_pass: bool,
+                 hooks: list) -> Float[Tensor, " seq"]:  # fmt: skip
+    """One forward pass over ``tokens`` [seq, pos] (with ``hooks``): each sequence's FT loss."""
+    if mode == "layer_causal":
+        resid: dict[int, Tensor] = {}
+        hooks = list(hooks)
+        for layer in range(B.dims(model).n_layers):
+
+            def keep_resid(t, hook, layer=layer):
+                resid[layer] = t
+
+            hooks.append((B.hook_name("resid_post", layer), keep_resid))
+            if layer > 0:
+                hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
+        B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
+        return _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
+    if vocab_pass:  # stop before the model's own unembedding
+        final: dict[str, Tensor] = {}
+
+        def keep_final(t, hook):
+            final["x"] = t
+
+        stop = B.final_norm_hook_name(model)
+        B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
+        return _final_norm_loss(model, final["x"], tokens)
+    with model.hooks(fwd_hooks=hooks):
+        return _lm_loss(model(tokens), tokens)
+
+
+def _query_hooks(model: nn.Module, qs: dict[int, Tensor]) -> list:
+    """Hooks that keep every layer's scaled queries (all heads) of the trained tokens, BOS
+    excluded: ``qs[layer]`` [seq, pos - 1, d_q] on the CPU."""
+    hooks = []
+    for layer in range(B.dims(model).n_layers):
+        scale = B.attn_scale(model, layer) ** 0.5
+
+        def save_q(t, hook, layer=layer, scale=scale):
+            qs[layer] = (t[:, 1:].detach().flatten(-2) / scale).cpu()
+
+        hooks.append((B.hook_name("q", layer), save_q))
+    return hooks
 
 
 def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
@@ -188,6 +239,35 @@ def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
     if tok is None:
         raise ValueError("model has no tokenizer; pass tokenizer=...")
     return [build_train_sequence(task, tok, d) for d in demos]
+
+
+@contextmanager
+def _restoring(model: nn.Module, trained: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """Keep the originals of ``trained`` (yielded), their grads, every parameter's
+    ``requires_grad`` and the train/eval mode; put all of them back on exit, even on errors."""
+    originals = [p.detach().clone() for p in trained]
+    grads = [p.grad for p in trained]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for p, orig, g in zip(trained, originals, grads, strict=True):
+                p.copy_(orig)
+                p.grad = g
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+        release_memory()
+
+
+def _check_args(mode: str, lrs: Sequence[float]) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown finetune mode {mode!r}; use one of {MODES}")
+    for lr in lrs:
+        if not (lr > 0):
+            raise ValueError(f"learning rate must be positive, got {lr}")
 
 
 @contextmanager
@@ -209,110 +289,234 @@ def finetuned(
     ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
     an exception or KeyboardInterrupt; only the trained tensors' originals are kept.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown finetune mode {mode!r}; use one of {MODES}")
-    if not (lr > 0):
-        raise ValueError(f"learning rate must be positive, got {lr}")
+    _check_args(mode, [lr])
     sequences = _to_sequences(model, demos, task, tokenizer)
     named = list(params) if params is not None else B.named_kv_parameters(model)
     trained = [p for _, p in named]
-    originals = [p.detach().clone() for p in trained]
-    grads = [p.grad for p in trained]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
     state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
-    try:
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    with _restoring(model, trained):
         with torch.enable_grad():
             _train(model, sequences, trained, state, record_queries, progress)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         yield state
-    finally:
-        with torch.no_grad():
-            for p, orig, g in zip(trained, originals, grads, strict=True):
-                p.copy_(orig)
-                p.grad = g
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        model.train(was_training)
-        release_memory()
 
 
-def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool):
-    """The SGD loop: one step per demonstration, in order."""
+def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str) -> bool:
+    """Freeze all but ``trained``, eval mode, check lengths; whether the vocabulary pass is
+    the model's own loss (layer-causal FT needs it)."""
     d = B.dims(model)
+    longest = max(len(s) for s in sequences)
+    if longest > d.n_ctx:
+        raise ValueError(f"training sequence has {longest} tokens but the context is {d.n_ctx}")
     trained_ids = {id(p) for p in trained}
     for p in model.parameters():
         p.requires_grad_(id(p) in trained_ids)
-    for p in trained:
-        p.grad = None
-    opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
-    device = B.input_device(model)
-    scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
-    q_steps: list[Tensor] = []
-    token_demo: list[int] = []
     model.eval()  # no dropout in TL models; eval keeps any stochastic layer off
+    device = B.input_device(model)
     vocab_pass = _vocab_pass_matches(model, torch.tensor([sequences[0]], device=device), trained)
-    if state.mode == "layer_causal" and not vocab_pass:
+    if mode == "layer_causal" and not vocab_pass:
         raise NotImplementedError(
             "layer-causal FT needs logits = unembed(final_norm(resid)) (optionally soft-capped) "
             "and an untrained unembedding; this model or parameter list differs: use "
             "mode='standard'"
         )
+    return vocab_pass
+
+
+def _diverged(value: float, step: int, lr: float) -> FinetuneDivergedError:
+    return FinetuneDivergedError(
+        f"finetune loss became {value} at step {step} with lr={lr}; "
+        "use a lower learning rate (the model has been restored)"
+    )
+
+
+def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool):
+    """The SGD loop: one step per demonstration, in order."""
+    for p in trained:
+        p.grad = None
+    vocab_pass = _prepare(model, sequences, trained, state.mode)
+    opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
+    device = B.input_device(model)
+    n_layers = B.dims(model).n_layers
+    q_steps: list[Tensor] = []
+    token_demo: list[int] = []
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
-        tokens = torch.tensor([seq], device=device)
-        if tokens.shape[1] > d.n_ctx:
-            raise ValueError(
-                f"training sequence has {tokens.shape[1]} tokens but the context is {d.n_ctx}"
-            )
         qs: dict[int, Tensor] = {}
-        resid: dict[int, Tensor] = {}
-        hooks = []
-        if record_queries:
-            for layer in range(d.n_layers):
-
-                def save_q(t, hook, layer=layer, qs=qs):
-                    qs[layer] = (t[0, 1:].detach().flatten(-2) / scales[layer] ** 0.5).cpu()
-
-                hooks.append((B.hook_name("q", layer), save_q))
-        if state.mode == "layer_causal":
-            for layer in range(d.n_layers):
-
-                def keep_resid(t, hook, layer=layer, resid=resid):
-                    resid[layer] = t
-
-                hooks.append((B.hook_name("resid_post", layer), keep_resid))
-                if layer > 0:
-                    hooks.append((B.hook_name("resid_pre", layer), lambda t, hook: t.detach()))
-            B.run_until(model, tokens, hooks, stop_at=B.final_norm_hook_name(model))
-            loss = _layer_causal_loss(model, [resid[layer] for layer in sorted(resid)], tokens)
-        elif vocab_pass:  # stop before the model's own unembedding
-            final: dict[str, Tensor] = {}
-
-            def keep_final(t, hook, final=final):
-                final["x"] = t
-
-            stop = B.final_norm_hook_name(model)
-            B.run_until(model, tokens, [*hooks, (stop, keep_final)], stop_at=stop)
-            loss = _final_norm_loss(model, final["x"], tokens)
-        else:
-            with model.hooks(fwd_hooks=hooks):
-                loss = _lm_loss(model(tokens), tokens)
+        hooks = _query_hooks(model, qs) if record_queries else []
+        loss = _step_losses(model, torch.tensor([seq], device=device), state.mode, vocab_pass,
+                            hooks)[0]  # fmt: skip
         value = float(loss.detach())
         if not torch.isfinite(loss.detach()):
-            raise FinetuneDivergedError(
-                f"finetune loss became {value} at step {step} with lr={state.lr}; "
-                "use a lower learning rate (the model has been restored)"
-            )
+            raise _diverged(value, step, state.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         state.losses.append(value)
         if record_queries:
-            q_steps.append(torch.stack([qs[layer] for layer in range(d.n_layers)]))
+            q_steps.append(torch.stack([qs[layer][0] for layer in range(n_layers)]))
             token_demo += [step] * (len(seq) - 1)
     for p in trained:
         p.grad = None
     if record_queries:
         state.train_q = torch.cat(q_steps, dim=1).float()
         state.train_token_demo = torch.tensor(token_demo)
+
+
+# --------------------------------------------------------------------------- learning-rate grid
+
+
+class FTGrid:
+    """Several K/V finetunes of one model on the same demonstrations, one per learning rate.
+
+    ``with grid.applied(lr) as state:`` puts that rate's finetuned K/V into the model for the
+    block (restored bit for bit on exit). ``states`` holds each trained rate's ``FTState``;
+    ``diverged`` maps a rate whose loss became NaN/inf to its error message.
+    """
+
+    def __init__(self, model: nn.Module, lrs: Sequence[float], named, originals, run_one) -> None:
+        self.model, self.lrs = model, list(lrs)
+        self.states: dict[float, FTState] = {}
+        self.diverged: dict[float, str] = {}
+        self._named, self._originals, self._run_one = named, originals, run_one
+        self._deltas: dict[float, list[Tensor]] = {}
+
+    @contextmanager
+    def applied(self, lr: float) -> Iterator[FTState]:
+        """Inside the block the model is finetuned at ``lr``; raises FinetuneDivergedError
+        (model restored) for a rate that diverged."""
+        if lr not in self.lrs:
+            raise ValueError(f"learning rate {lr} is not in this grid {self.lrs}")
+        if self._run_one is not None:  # one after another: train now, in place
+            try:
+                with self._run_one(lr) as state:
+                    self.states[lr] = state
+                    yield state
+            except FinetuneDivergedError as e:
+                self.diverged[lr] = str(e)
+                raise
+            return
+        if lr in self.diverged:
+            raise FinetuneDivergedError(self.diverged[lr])
+        try:
+            with torch.no_grad():
+                for (_, p), orig, delta in zip(self._named, self._originals, self._deltas[lr],
+                                               strict=True):  # fmt: skip
+                    p.copy_(orig + delta)
+            yield self.states[lr]
+        finally:
+            with torch.no_grad():
+                for (_, p), orig in zip(self._named, self._originals, strict=True):
+                    p.copy_(orig)
+
+
+@contextmanager
+def finetuned_grid(
+    model: nn.Module,
+    demos: Sequence,
+    lrs: Sequence[float],
+    *,
+    mode: str = "standard",
+    task=None,
+    tokenizer=None,
+    record_queries: bool = True,
+    side_by_side: bool | None = None,
+    progress: bool = False,
+) -> Iterator[FTGrid]:
+    """The paper's FT at every rate of ``lrs``, trained side by side: each step runs one
+    batch with a row per rate (per-row K/V deltas, ``backend.kv_deltas``), so the shared
+    weights and the unembedding are read once per step for all rates, not once per rate.
+
+    Same protocol and per-rate results as ``finetuned`` (up to float rounding: the rows use
+    ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``). A rate whose loss diverges stops
+    there and is reported in ``grid.diverged``; the others go on. ``side_by_side=None`` uses it
+    when the model supports it, else trains each rate in place when it is applied.
+    """
+    _check_args(mode, lrs)
+    if not lrs:
+        raise ValueError("no learning rates to finetune at; pass at least one")
+    sequences = _to_sequences(model, demos, task, tokenizer)
+    named = B.named_kv_parameters(model)
+    trained = [p for _, p in named]
+    rates = list(dict.fromkeys(float(lr) for lr in lrs))
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+
+    def run_one(lr):
+        return finetuned(model, sequences, lr, mode=mode, record_queries=record_queries,
+                         progress=progress)  # fmt: skip
+
+    if side_by_side is False or len(rates) == 1:
+        yield FTGrid(model, rates, named, None, run_one)
+        return
+    with _restoring(model, trained) as originals:
+        grid = FTGrid(model, rates, named, originals, None)
+        try:
+            with torch.enable_grad():
+                _train_side_by_side(model, sequences, grid, mode, record_queries, progress)
+        except NotImplementedError:
+            if side_by_side:
+                raise
+            grid = None
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        if grid is not None:
+            yield grid
+    if grid is None:  # the model cannot run K/V deltas side by side: one rate at a time
+        yield FTGrid(model, rates, named, None, run_one)
+
+
+def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_queries: bool,
+                        progress: bool) -> None:  # fmt: skip
+    """SGD for every rate of ``grid`` at once, on K/V deltas (one batch row per live rate)."""
+    named, rates = grid._named, grid.lrs
+    trained = [p for _, p in named]
+    vocab_pass = _prepare(model, sequences, trained, mode)
+    if not vocab_pass:
+        raise NotImplementedError("side-by-side FT needs the one-pass vocabulary loss")
+    deltas = [torch.zeros(len(rates), *p.shape, dtype=p.dtype, device=p.device,
+                          requires_grad=True) for p in trained]  # fmt: skip
+    device = B.input_device(model)
+    n_layers = B.dims(model).n_layers
+    live = list(range(len(rates)))
+    q_steps: list[list[Tensor]] = [[] for _ in rates]
+    states = [FTState(lr=lr, mode=mode, param_names=[n for n, _ in named]) for lr in rates]
+    for step, seq in enumerate(tqdm(sequences, desc="finetune (grid)", disable=not progress)):
+        if not live:
+            break
+        idx = torch.tensor(live)
+        rows = deltas if len(live) == len(rates) else [t[idx] for t in deltas]
+        qs: dict[int, Tensor] = {}
+        hooks = _query_hooks(model, qs) if record_queries else []
+        tokens = torch.tensor([seq], device=device).expand(len(live), -1)
+        with B.kv_deltas(model, rows):
+            losses = _step_losses(model, tokens, mode, vocab_pass, hooks)
+        values = losses.detach().tolist()
+        ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+        for i, r in enumerate(live):
+            if i not in ok:
+                grid.diverged[rates[r]] = str(_diverged(values[i], step, rates[r]))
+        if ok:
+            grads = torch.autograd.grad(losses[ok].sum(), deltas)
+            keep = torch.tensor([live[i] for i in ok])
+            lr = torch.tensor([rates[r] for r in keep.tolist()], dtype=torch.float64)
+            with torch.no_grad():
+                for t, g in zip(deltas, grads, strict=True):
+                    step_rows = g[keep] * lr.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                    t[keep] -= step_rows
+        for i in ok:
+            r = live[i]
+            states[r].losses.append(values[i])
+            if record_queries:
+                q_steps[r].append(torch.stack([qs[layer][i] for layer in range(n_layers)]))
+        live = [live[i] for i in ok]
+    for r, (lr, state) in enumerate(zip(rates, states, strict=True)):
+        if lr in grid.diverged:
+            continue
+        if record_queries:
+            state.train_q = torch.cat(q_steps[r], dim=1).float()
+            state.train_token_demo = torch.tensor(
+                [step for step, seq in enumerate(sequences) for _ in range(len(seq) - 1)]
+            )
+        grid.states[lr] = state
+        grid._deltas[lr] = [t[r].detach() for t in deltas]

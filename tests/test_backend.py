@@ -83,6 +83,38 @@ def test_gradients_reach_kv_parameters(toy):
     toy.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
+def test_kv_deltas_rows_run_their_own_weights(positional):
+    """Row r of a batched pass under ``kv_deltas`` equals a plain pass with W + Δ[r] put
+    into the model (float64), and gradients reach the deltas."""
+    model = B.toy_model(2, 32, 4, 40, 64, attn_only=False, seed=1,
+                        positional_embedding_type=positional).double()  # fmt: skip
+    named = B.named_kv_parameters(model)
+    gen = torch.Generator().manual_seed(0)
+    deltas = [0.1 * torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for _, p in named]
+    tokens = torch.randint(0, 40, (1, 9), generator=gen)
+    for t in deltas:
+        t.requires_grad_(True)
+    with B.kv_deltas(model, deltas):
+        batched = model(tokens.expand(3, -1))
+    batched.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in deltas)
+    with torch.no_grad():
+        plain = model(tokens)[0]
+        originals = [p.clone() for _, p in named]
+        for r in range(3):
+            for (_, p), t in zip(named, deltas, strict=True):
+                p.add_(t[r])
+            torch.testing.assert_close(batched[r], model(tokens)[0], rtol=1e-12, atol=1e-12)
+            for (_, p), o in zip(named, originals, strict=True):
+                p.copy_(o)
+        assert not torch.allclose(batched[0], plain)  # the deltas matter
+        assert torch.equal(model(tokens)[0], plain)  # hooks gone after the block
+    with pytest.raises(ValueError, match="deltas"):
+        with B.kv_deltas(model, deltas[:1]):
+            pass
+
+
 def test_neutral_roundtrip_is_exact():
     src = B.toy_model(seed=1, attn_only=False, d_model=32, n_heads=4, d_vocab=40, n_ctx=32)
     dst = B.toy_model(seed=2, attn_only=False, d_model=32, n_heads=4, d_vocab=40, n_ctx=32)

@@ -200,3 +200,22 @@ def test_dual_analysis_is_wired_in(toy_setup):
         assert -1.0 <= dual.loc[name, "value"] <= 1.0
     assert dual.loc["dual_cos_icl_ft", "kind"] == "result"
     assert dual.loc["dual_cos_icl_uniform", "kind"] == "baseline"
+
+
+def test_a_diverging_grid_rate_is_left_out_not_fatal(toy_setup, caplog):
+    """A rate whose FT loss turns NaN/inf is reported and skipped; the run goes on with the
+    rest of the grid. If every rate diverges the error names the fix."""
+    model, tok, data = toy_setup
+    kw = {**FAST, "baselines": (), "n_eval": 8, "lr_grid": (0.1, float("inf"))}
+    res = E.run_experiment(model, data.task, data=data, tokenizer=tok, **kw)
+    selection = res.runs[0].provenance["lr_selection"]
+    assert selection["lr"] == 0.1
+    assert list(selection["diverged"]) == ["inf"]
+    assert "use a lower learning rate" in selection["diverged"]["inf"]
+    assert list(selection["heldout_accuracy"]) == ["0.1"]
+    lrs = {r["lr"] for r in res.runs[0].rows if r["lr"] is not None}
+    assert lrs == {0.1}
+    assert "rate left out" in caplog.text
+    with pytest.raises(E.FinetuneDivergedError, match="every rate of lr_grid"):
+        E.run_experiment(model, data.task, data=data, tokenizer=tok,
+                         **{**kw, "lr_grid": (float("inf"), 1e300)})  # fmt: skip

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icl_lens import backend as B
-from icl_lens.finetune import FinetuneDivergedError, _ChunkedVocabCE, finetuned
+from icl_lens.finetune import FinetuneDivergedError, _ChunkedVocabCE, finetuned, finetuned_grid
 from icl_lens.tasks import build_train_sequence
 from icl_lens.toy import ToyTokenizer, toy_episode, toy_task
 
@@ -195,10 +195,11 @@ def test_chunked_vocab_ce_matches_autograd(chunk, soft_cap):
     if soft_cap:
         logits = soft_cap * torch.tanh(logits / soft_cap)
     ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    want = (ce * weight).sum()
-    (g_want,) = torch.autograd.grad(2.5 * want, h)
+    want = ce * weight  # per row
+    upstream = torch.randn(7, generator=gen, dtype=torch.float64)  # a different one per row
+    (g_want,) = torch.autograd.grad(want, h, upstream)
     got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, chunk, soft_cap)
-    (g_got,) = torch.autograd.grad(2.5 * got, h)
+    (g_got,) = torch.autograd.grad(got, h, upstream)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
@@ -226,7 +227,7 @@ def test_chunked_vocab_ce_with_masked_first_chunk():
     weight = torch.full((4,), 0.25, dtype=torch.float64)
     want = torch.nn.functional.cross_entropy(h @ w_u + b_u, targets)
     (g_want,) = torch.autograd.grad(want, h)
-    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, 2, None)
+    got = _ChunkedVocabCE.apply(h, w_u, b_u, targets, weight, 2, None).sum()
     (g_got,) = torch.autograd.grad(got, h)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
@@ -261,3 +262,124 @@ def test_training_the_unembedding_uses_the_models_logits(setup):
     with finetuned(model, demos[:2], 0.5, task=task, tokenizer=tok, params=[(name, w_u)]):
         assert not torch.equal(w_u.detach(), before)
     assert torch.equal(w_u.detach(), before)
+
+
+# --------------------------------------------------------------------------- learning-rate grid
+
+
+@pytest.fixture(scope="module")
+def grid_setup():
+    """A float64 rotary toy with MLPs, so side-by-side and in-place SGD agree to ~1e-12."""
+    tok = ToyTokenizer()
+    task = toy_task(2)
+    demos, _ = toy_episode(seed=7, n_demos=5, n_eval=2, tokenizer=tok)
+    model = B.toy_model(2, 32, 4, tok.vocab_size, 128, attn_only=False, seed=3,
+                        positional_embedding_type="rotary").double()  # fmt: skip
+    return model, tok, task, demos
+
+
+def _kv(model):
+    return [p.detach().clone() for _, p in B.named_kv_parameters(model)]
+
+
+@pytest.mark.parametrize("mode", ["standard", "layer_causal"])
+def test_grid_side_by_side_equals_one_rate_at_a_time(grid_setup, mode):
+    """Every rate's weights, losses and recorded queries equal those of ``finetuned`` at that
+    rate, computed independently (in-place SGD, one rate after another)."""
+    model, tok, task, demos = grid_setup
+    lrs = [0.05, 0.3, 1.0]
+    snap = snapshot(model)
+    got = {}
+    with finetuned_grid(model, demos, lrs, mode=mode, task=task, tokenizer=tok,
+                        side_by_side=True) as grid:  # fmt: skip
+        assert grid._run_one is None  # really side by side
+        for lr in lrs:
+            with grid.applied(lr) as st:
+                got[lr] = (_kv(model), st.losses, st.train_q, st.train_token_demo)
+            assert_same(model, snap)  # each rate is taken back out
+    assert_same(model, snap)
+    for lr in lrs:
+        with finetuned(model, demos, lr, mode=mode, task=task, tokenizer=tok) as st:
+            want = _kv(model)
+        weights, losses, q, token_demo = got[lr]
+        assert any(not torch.equal(w, o) for w, o in zip(weights, _kv(model), strict=True)), (
+            "nothing trained"
+        )
+        for a, b in zip(weights, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert losses == pytest.approx(st.losses, rel=1e-10)
+        torch.testing.assert_close(q, st.train_q, rtol=1e-10, atol=1e-12)
+        assert torch.equal(token_demo, st.train_token_demo)
+
+
+def test_grid_diverging_rate_is_reported_and_the_others_go_on(grid_setup):
+    """An infinite rate makes its row NaN from step 1 on; the NaN stays in that row."""
+    model, tok, task, demos = grid_setup
+    snap = snapshot(model)
+    inf = float("inf")
+    with finetuned_grid(model, demos, [0.3, inf], task=task, tokenizer=tok) as grid:
+        assert list(grid.diverged) == [inf]
+        assert "at step 1 with lr=inf; use a lower learning rate" in grid.diverged[inf]
+        assert inf not in grid.states
+        with pytest.raises(FinetuneDivergedError, match="lr=inf"):
+            with grid.applied(inf):
+                pass
+        with grid.applied(0.3) as st:
+            side = _kv(model)
+    assert_same(model, snap)
+    with finetuned(model, demos, 0.3, task=task, tokenizer=tok) as want:
+        for a, b in zip(side, _kv(model), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert st.losses == pytest.approx(want.losses, rel=1e-10)
+
+
+def test_grid_restores_after_exception_and_falls_back(grid_setup):
+    """An error inside ``applied`` restores the model; ``side_by_side=False`` trains each
+    rate in place when applied (the same code as ``finetuned``: identical bits)."""
+    model, tok, task, demos = grid_setup
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with finetuned_grid(model, demos, [0.1, 0.2], task=task, tokenizer=tok) as grid:
+            with grid.applied(0.2):
+                raise RuntimeError("boom")
+    assert_same(model, snap)
+    with finetuned_grid(model, demos, [0.1, 0.2], task=task, tokenizer=tok,
+                        side_by_side=False) as grid:  # fmt: skip
+        with grid.applied(0.2) as st:
+            lazy = _kv(model)
+        assert grid.states[0.2] is st
+    with finetuned(model, demos, 0.2, task=task, tokenizer=tok):
+        assert all(torch.equal(a, b) for a, b in zip(lazy, _kv(model), strict=True))
+    assert_same(model, snap)
+    with pytest.raises(ValueError, match="not in this grid"):
+        with finetuned_grid(model, demos, [0.1, 0.2], task=task, tokenizer=tok) as grid:
+            with grid.applied(0.5):
+                pass
+
+
+@pytest.mark.slow
+def test_real_model_grid_side_by_side_matches_in_place():
+    """Gemma-3-270m (grouped-query K/V, qk-norm, rotary): two rates side by side equal
+    in-place FT at each rate, up to fp32 rounding (one-step noise floor ~5e-4 relative)."""
+    from icl_lens.data import load_task_data, sample_demos
+    from icl_lens.models import load_model
+    from icl_lens.tasks import get_task
+
+    model = load_model("gemma-3-270m", progress=False)
+    task = get_task("sst2")
+    demos = sample_demos(load_task_data(task, "staicc", n_eval=1).demo_pool, 2, seed=0)
+    w0 = _kv(model)
+    got = {}
+    with finetuned_grid(model, demos, [1e-3, 1e-2], task=task, tokenizer=model.tokenizer) as grid:
+        assert grid._run_one is None
+        for lr in grid.lrs:
+            with grid.applied(lr) as st:
+                got[lr] = (_kv(model), st.losses)
+    for lr, (weights, losses) in got.items():
+        with finetuned(model, demos, lr, task=task, tokenizer=model.tokenizer) as st:
+            want = _kv(model)
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(weights, want, strict=True))
+        den = sum(float((b - o).pow(2).sum()) for b, o in zip(want, w0, strict=True))
+        assert den > 0 and (num / den) ** 0.5 < 5e-3, (lr, (num / den) ** 0.5)
+        assert losses == pytest.approx(st.losses, rel=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(_kv(model), w0, strict=True))
