@@ -244,12 +244,12 @@ def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, rows: int, eq: str)
     if x.shape[0] % rows:
         raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {rows} delta rows")
     per = x.shape[0] // rows
-    w = None if w is None else w.repeat_interleave(per, 0)
+    if per > 1:  # (no copies in the usual one-sequence-per-row case: autograd keeps them)
+        w = None if w is None else w.repeat_interleave(per, 0)
+        b = None if b is None else b.repeat_interleave(per, 0)
     out = 0 if w is None else torch.einsum(eq, x, w.to(x.dtype))
     if b is not None:
-        out = out + b.repeat_interleave(per, 0).to(x.dtype).view(
-            b.shape[0] * per, *([1] * (x.dim() - 2)), *b.shape[1:]
-        )
+        out = out + b.to(x.dtype).view(b.shape[0], *([1] * (x.dim() - 2)), *b.shape[1:])
     return out
 
 

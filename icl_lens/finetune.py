@@ -399,6 +399,8 @@ class FTGrid:
             return
         if lr in self.diverged:
             raise FinetuneDivergedError(self.diverged[lr])
+        if lr not in self._deltas:
+            raise RuntimeError("this grid's finetunes are gone: use it inside its with-block")
         try:
             with torch.no_grad():
                 for (_, p), orig, delta in zip(self._named, self._originals, self._deltas[lr],
@@ -461,7 +463,11 @@ def finetuned_grid(
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         if grid is not None:
-            yield grid
+            try:
+                yield grid
+            finally:  # the deltas (rates × K/V size) go now, even if the caller keeps `grid`
+                grid._deltas.clear()
+                grid._originals = []
     if grid is None:  # the model cannot run K/V deltas side by side: one rate at a time
         yield FTGrid(model, rates, named, None, run_one)
 
@@ -474,6 +480,8 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
     vocab_pass = _prepare(model, sequences, trained, mode)
     if not vocab_pass:
         raise NotImplementedError("side-by-side FT needs the one-pass vocabulary loss")
+    for p in trained:  # only the deltas learn; the model's own K/V stay as they are
+        p.requires_grad_(False)
     deltas = [torch.zeros(len(rates), *p.shape, dtype=p.dtype, device=p.device,
                           requires_grad=True) for p in trained]  # fmt: skip
     device = B.input_device(model)
@@ -497,13 +505,20 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
             if i not in ok:
                 grid.diverged[rates[r]] = str(_diverged(values[i], step, rates[r]))
         if ok:
-            grads = torch.autograd.grad(losses[ok].sum(), deltas)
-            keep = torch.tensor([live[i] for i in ok])
-            lr = torch.tensor([rates[r] for r in keep.tolist()], dtype=torch.float64)
+            keep = [live[i] for i in ok]
+            lr = torch.zeros(len(rates), dtype=torch.float64)  # 0 for rows that do not step
+            lr[keep] = torch.tensor([rates[r] for r in keep], dtype=torch.float64)
+            dead = [r for r in live if r not in keep]  # diverged at this step
+            for t in deltas:
+                t.grad = None
+            torch.autograd.backward(losses[ok].sum(), inputs=deltas)
             with torch.no_grad():
-                for t, g in zip(deltas, grads, strict=True):
-                    step_rows = g[keep] * lr.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-                    t[keep] -= step_rows
+                for t in deltas:  # in place: no second copy of the rates × K/V gradients
+                    g = t.grad
+                    if dead:
+                        g[dead] = 0.0
+                    t.sub_(g.mul_(lr.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)))
+                    t.grad = None
         for i in ok:
             r = live[i]
             states[r].losses.append(values[i])

@@ -383,3 +383,14 @@ def test_real_model_grid_side_by_side_matches_in_place():
         assert den > 0 and (num / den) ** 0.5 < 5e-3, (lr, (num / den) ** 0.5)
         assert losses == pytest.approx(st.losses, rel=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(_kv(model), w0, strict=True))
+
+
+def test_grid_is_unusable_after_its_block(grid_setup):
+    """The per-rate deltas are freed on exit (memory), so a kept grid refuses clearly."""
+    model, tok, task, demos = grid_setup
+    with finetuned_grid(model, demos, [0.1, 0.2], task=task, tokenizer=tok) as grid:
+        pass
+    assert not grid._deltas
+    with pytest.raises(RuntimeError, match="inside its with-block"):
+        with grid.applied(0.1):
+            pass
