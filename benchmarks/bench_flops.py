@@ -115,10 +115,95 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
     return {
         "stages": stages,
         "tokens": {"zs": zs_tok, "icl": icl_tok, "heldout": held_tok, "train": train_tok},
+        "demos": len(demos),
+        "prefix": prefix,
         "runs": {"zs_like": n_zs, "icl": n_icl, "ft": n_ft, "layer_causal": n_lc},
         "flops": flops,
         "vocab_flops": sum(s[1] for s in stages.values()),
     }
+
+
+def layer_matmul_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every weight matmul in one transformer block (attention and MLP)."""
+    d_model, shapes = B.dims(model).d_model, []
+    for _, p in model.blocks[0].named_parameters():
+        if p.dim() == 2:  # TL 4 nn.Linear [out, in]; TL 3 MLP [in, out]
+            shapes.append((p.shape[1], p.shape[0]) if B.is_bridge(model) else tuple(p.shape))
+        elif p.dim() == 3:  # TL 3 W_Q/K/V [head, d_model, d_head]; W_O [head, d_head, d_model]
+            h, a, b = p.shape
+            shapes.append((h * a, b) if b == d_model and a != d_model else (a, h * b))
+    return shapes
+
+
+def _rate(fn, flops: float, seconds: float) -> float:
+    """GFLOP/s of ``fn`` (best of repeated calls for ``seconds``)."""
+    fn()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9
+
+
+def block_rate(shapes, rows: int, backward: bool, seconds: float = 0.6) -> float:
+    """GFLOP/s of one block's weight matmuls at ``rows`` rows (plus, with ``backward``, the
+    activation-gradient products dY·Wᵀ), measured here."""
+    mats = [(torch.randn(rows, k), torch.randn(k, n), torch.randn(rows, n)) for k, n in shapes]
+
+    def run():
+        for x, w, dy in mats:
+            x @ w
+            if backward:
+                dy @ w.T
+
+    flops = sum(2 * rows * k * n for k, n in shapes) * (2 if backward else 1)
+    return _rate(run, flops, seconds)
+
+
+def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
+    """GFLOP/s of the FT loss's one-pass vocabulary product (logits and their gradient) at
+    ``rows`` rows, with the model's own unembedding."""
+    from icl_lens.finetune import _vocab_loss
+
+    d = B.dims(model)
+    h = torch.randn(rows, d.d_model)
+    targets = torch.zeros(rows, dtype=torch.long)
+    weight = torch.ones(rows)
+    return _rate(lambda: _vocab_loss(model, h, targets, weight), 4 * rows * d.d_vocab * d.d_model,
+                 seconds)  # fmt: skip
+
+
+def matmul_floor(model, need: dict, n_eval: int, batch_size: int, grid_rows: int) -> dict:
+    """Seconds the protocol's FLOPs take at the matmul rates of its own shapes on this machine:
+    each stage's non-embedding FLOPs at one block's weight matmuls with that stage's row count,
+    its vocabulary FLOPs at the one-pass vocabulary product's rate. No attention scores, norms,
+    activations or memory traffic besides the matmuls' own: no implementation can be faster
+    with these matmul kernels, so ``floor / bound`` is what this machine allows."""
+    shapes = layer_matmul_shapes(model)
+    tok, runs, n_layers = need["tokens"], need["runs"], B.dims(model).n_layers
+    train_len = max(1, round(tok["train"] / max(1, need["demos"])))
+    zs_rows = batch_size * max(1, round(tok["zs"] / n_eval))
+    icl_rows = batch_size * max(1, round((tok["icl"] - need["prefix"]) / n_eval))
+    floor: dict[str, float] = {}
+    for key, (plain, vocab_flops) in need["stages"].items():
+        if key.startswith("capture"):
+            rows = icl_rows if key.endswith("icl") else zs_rows
+            floor[key] = plain / (block_rate(shapes, rows, False) * 1e9)
+            continue
+        lc = key.endswith("layer_causal")
+        # standard FT: the grid's runs side by side (grid_rows sequences a step), the rest alone
+        n_runs = runs["layer_causal"] if lc else runs["ft"]
+        grouped = 0 if lc else min(grid_rows, n_runs) if grid_rows > 1 else 0
+        per_run, per_run_v = plain / n_runs, vocab_flops / n_runs
+        seconds = 0.0
+        for count, rows in ((grouped, grid_rows * train_len), (n_runs - grouped, train_len)):
+            if count:
+                v_rows = rows * (n_layers if lc else 1)
+                seconds += count * per_run / (block_rate(shapes, rows, True) * 1e9)
+                seconds += count * per_run_v / (vocab_rate(model, v_rows) * 1e9)
+        floor[key] = seconds
+    return floor
 
 
 class StageTimer:
@@ -134,6 +219,7 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
         self.readings: list[float] = []
         self.probe_seconds = 0.0
+        self.grid_rows = 1  # learning rates trained side by side (1: one after another)
         self._probe = probe
 
     def _add(self, key: str, start: float) -> None:
@@ -164,6 +250,7 @@ class StageTimer:
             start = time.perf_counter()
             with finetuned_grid(*args, **kwargs) as grid:
                 self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
+                self.grid_rows = len(grid.lrs) if grid._run_one is None else 1
                 yield grid
 
         E.capture, E.finetuned, E.finetuned_grid = timed_capture, timed_finetuned, timed_grid
@@ -223,6 +310,14 @@ def main() -> None:
         print(f"      {key:<22} {seconds:7.1f}s vs {b:6.1f}s; {bv:6.1f}s  ({ratios})")
     print(f"      {'everything else':<22} {wall - sum(timer.seconds.values()):7.1f}s")
     print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
+    cfg = res.runs[0].provenance["config"]
+    floor = matmul_floor(model, need, args.n_eval, cfg["batch_size"], timer.grid_rows)
+    total = sum(floor.values())
+    print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
+          f"(each FLOP above at the rate measured for its own matmul shapes)")  # fmt: skip
+    print(f"    wall / floor {wall / total:.2f}x (what the implementation adds); by stage:")
+    for key, seconds in sorted(floor.items()):
+        print(f"      {key:<22} floor {seconds:6.1f}s  wall {timer.seconds.get(key, 0.0):6.1f}s")
 
 
 if __name__ == "__main__":
