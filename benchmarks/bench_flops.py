@@ -18,6 +18,10 @@ baseline) through ``run_experiment`` and prints, measured side by side in this o
   so both bounds are lower bounds. (Counts assume the ICL prefix is cached, as it is for
   every model ``backend.supports_prefix_cache`` accepts.)
 * peak RSS / fp32 model size (all of the process: loading included).
+* the matmul floor: the same FLOPs, each at the rate this machine reaches on its own matmul
+  shapes and row counts (measured after the run), i.e. what no implementation with these
+  kernels can beat; ``floor / bound`` is the machine's share of the ratio, ``wall / floor``
+  the implementation's.
 
     python benchmarks/bench_flops.py                       # sst2, 500 queries (~10 min)
     python benchmarks/bench_flops.py --n-eval 100 --task mr
