@@ -38,6 +38,7 @@ import torch
 
 from icl_lens import backend as B
 from icl_lens import experiment as E
+from icl_lens import finetune as F
 from icl_lens.data import load_task_data
 from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
@@ -121,6 +122,7 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
         "tokens": {"zs": zs_tok, "icl": icl_tok, "heldout": held_tok, "train": train_tok},
         "demos": len(demos),
         "prefix": prefix,
+        "n_eval": len(evals),
         "runs": {"zs_like": n_zs, "icl": n_icl, "ft": n_ft, "layer_causal": n_lc},
         "flops": flops,
         "vocab_flops": sum(s[1] for s in stages.values()),
@@ -130,12 +132,17 @@ def needed_flops(run, data, tok, counts: dict[str, int], d_model: int, vocab: in
 def layer_matmul_shapes(model) -> list[tuple[int, int]]:
     """(in, out) of every weight matmul in one transformer block (attention and MLP)."""
     d_model, shapes = B.dims(model).d_model, []
-    for _, p in model.blocks[0].named_parameters():
-        if p.dim() == 2:  # TL 4 nn.Linear [out, in]; TL 3 MLP [in, out]
-            shapes.append((p.shape[1], p.shape[0]) if B.is_bridge(model) else tuple(p.shape))
-        elif p.dim() == 3:  # TL 3 W_Q/K/V [head, d_model, d_head]; W_O [head, d_head, d_model]
-            h, a, b = p.shape
-            shapes.append((h * a, b) if b == d_model and a != d_model else (a, h * b))
+    for name, p in model.blocks[0].named_parameters():
+        last = name.split(".")[-1]
+        if B.is_bridge(model):  # nn.Linear weights [out, in]
+            if last == "weight" and p.dim() == 2:
+                shapes.append((p.shape[1], p.shape[0]))
+        elif last.lstrip("_").startswith("W_"):  # TL 3 weights (its b_* biases are 2-D too)
+            if p.dim() == 2:  # MLP [in, out]
+                shapes.append(tuple(p.shape))
+            else:  # W_Q/K/V [head, d_model, d_head]; W_O [head, d_head, d_model]
+                h, a, b = p.shape
+                shapes.append((h * a, b) if b == d_model and a != d_model else (a, h * b))
     return shapes
 
 
@@ -178,7 +185,7 @@ def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
                  seconds)  # fmt: skip
 
 
-def matmul_floor(model, need: dict, n_eval: int, batch_size: int, grid_rows: int) -> dict:
+def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
     """Seconds the protocol's FLOPs take at the matmul rates of its own shapes on this machine:
     each stage's non-embedding FLOPs at one block's weight matmuls with that stage's row count,
     its vocabulary FLOPs at the one-pass vocabulary product's rate. No attention scores, norms,
@@ -186,6 +193,7 @@ def matmul_floor(model, need: dict, n_eval: int, batch_size: int, grid_rows: int
     with these matmul kernels, so ``floor / bound`` is what this machine allows."""
     shapes = layer_matmul_shapes(model)
     tok, runs, n_layers = need["tokens"], need["runs"], B.dims(model).n_layers
+    n_eval, batch_size = need["n_eval"], cfg["batch_size"]
     train_len = max(1, round(tok["train"] / max(1, need["demos"])))
     zs_rows = batch_size * max(1, round(tok["zs"] / n_eval))
     icl_rows = batch_size * max(1, round((tok["icl"] - need["prefix"]) / n_eval))
@@ -195,10 +203,14 @@ def matmul_floor(model, need: dict, n_eval: int, batch_size: int, grid_rows: int
             rows = icl_rows if key.endswith("icl") else zs_rows
             floor[key] = plain / (block_rate(shapes, rows, False) * 1e9)
             continue
-        lc = key.endswith("layer_causal")
-        # standard FT: the grid's runs side by side (grid_rows sequences a step), the rest alone
-        n_runs = runs["layer_causal"] if lc else runs["ft"]
-        grouped = 0 if lc else min(grid_rows, n_runs) if grid_rows > 1 else 0
+        mode = key.split()[-1]
+        lc = mode == "layer_causal"
+        main = mode == cfg["ft_mode"]  # the protocol's FT mode: the grid, shuffled, untrained
+        n_runs = runs["ft"] * main + runs["layer_causal"] * lc
+        if not n_runs:
+            continue
+        # the grid's runs side by side (grid_rows sequences a step), the rest one at a time
+        grouped = min(grid_rows, n_runs) if main and grid_rows > 1 else 0
         per_run, per_run_v = plain / n_runs, vocab_flops / n_runs
         seconds = 0.0
         for count, rows in ((grouped, grid_rows * train_len), (n_runs - grouped, train_len)):
@@ -254,10 +266,11 @@ class StageTimer:
             start = time.perf_counter()
             with finetuned_grid(*args, **kwargs) as grid:
                 self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
-                self.grid_rows = len(grid.lrs) if grid._run_one is None else 1
+                self.grid_rows = len(grid.states) if grid._run_one is None else 1
                 yield grid
 
         E.capture, E.finetuned, E.finetuned_grid = timed_capture, timed_finetuned, timed_grid
+        F.finetuned = timed_finetuned  # a grid that trains each rate when applied calls this
 
 
 def main() -> None:
@@ -315,7 +328,7 @@ def main() -> None:
     print(f"      {'everything else':<22} {wall - sum(timer.seconds.values()):7.1f}s")
     print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
     cfg = res.runs[0].provenance["config"]
-    floor = matmul_floor(model, need, args.n_eval, cfg["batch_size"], timer.grid_rows)
+    floor = matmul_floor(model, need, cfg, timer.grid_rows)
     total = sum(floor.values())
     print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
           f"(each FLOP above at the rate measured for its own matmul shapes)")  # fmt: skip

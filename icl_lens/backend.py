@@ -220,7 +220,8 @@ def kv_deltas(model: nn.Module, deltas: Sequence[Tensor]) -> Iterator[None]:
     ``deltas[i]`` is ``[rows, *p.shape]`` for the i-th tensor of ``named_kv_parameters(model)``,
     so one batched pass runs several K/V-finetuned copies of the model side by side (one per
     row; every other weight shared). Gradients flow to ``deltas``. The extra term is added
-    where the projection is computed, before anything reads it (qk-norm, rotary, hooks).
+    where the projection is computed, before qk-norm, rotary and the hooks added after entering
+    (a hook already on TL 3's ``hook_k``/``hook_v`` sees K/V without it).
     Raises NotImplementedError for layouts it cannot patch (split per-head inputs, fused QKV).
     """
     named = named_kv_parameters(model)

@@ -78,8 +78,11 @@ class ExperimentConfig:
     def ft_rates(self) -> list[float]:
         """The learning rates FT runs at: the grid plus ``lr`` (only ``lr`` without sensitivity)."""
         if self.lr is not None and not self.lr_sensitivity:
-            return [self.lr]
-        return sorted(set(self.lr_grid) | ({self.lr} if self.lr is not None else set()))
+            return [float(self.lr)]
+        rates = {float(g) for g in self.lr_grid} | (
+            {float(self.lr)} if self.lr is not None else set()
+        )
+        return sorted(rates)
 
     def key(self) -> str:
         """A short hash of the config, to refuse resuming a run made with other settings."""

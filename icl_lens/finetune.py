@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -376,26 +376,40 @@ class FTGrid:
     """
 
     def __init__(self, model: nn.Module, lrs: Sequence[float], named, originals, run_one) -> None:
-        self.model, self.lrs = model, list(lrs)
+        self.model, self.lrs = model, [float(lr) for lr in lrs]
         self.states: dict[float, FTState] = {}
         self.diverged: dict[float, str] = {}
         self._named, self._originals, self._run_one = named, originals, run_one
         self._deltas: dict[float, list[Tensor]] = {}
+        self._active: float | None = None
 
     @contextmanager
     def applied(self, lr: float) -> Iterator[FTState]:
         """Inside the block the model is finetuned at ``lr``; raises FinetuneDivergedError
-        (model restored) for a rate that diverged."""
+        (model restored) for a rate that diverged. One rate at a time (no nesting)."""
+        lr = float(lr)
         if lr not in self.lrs:
             raise ValueError(f"learning rate {lr} is not in this grid {self.lrs}")
+        if self._active is not None:
+            raise RuntimeError(f"lr={self._active} is still applied: leave its block first")
+        self._active = lr
+        try:
+            with self._applied(lr) as state:
+                yield state
+        finally:
+            self._active = None
+
+    @contextmanager
+    def _applied(self, lr: float) -> Iterator[FTState]:
         if self._run_one is not None:  # one after another: train now, in place
-            try:
-                with self._run_one(lr) as state:
-                    self.states[lr] = state
-                    yield state
-            except FinetuneDivergedError as e:
-                self.diverged[lr] = str(e)
-                raise
+            with ExitStack() as stack:
+                try:
+                    state = stack.enter_context(self._run_one(lr))
+                except FinetuneDivergedError as e:  # the training's own (not the block's)
+                    self.diverged[lr] = str(e)
+                    raise
+                self.states[lr] = state
+                yield state
             return
         if lr in self.diverged:
             raise FinetuneDivergedError(self.diverged[lr])
@@ -430,10 +444,13 @@ def finetuned_grid(
     batch with a row per rate (per-row K/V deltas, ``backend.kv_deltas``), so the shared
     weights and the unembedding are read once per step for all rates, not once per rate.
 
-    Same protocol and per-rate results as ``finetuned`` (up to float rounding: the rows use
-    ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``). A rate whose loss diverges stops
-    there and is reported in ``grid.diverged``; the others go on. ``side_by_side=None`` uses it
-    when the model supports it, else trains each rate in place when it is applied.
+    Same protocol and per-rate results as ``finetuned`` up to float rounding: the rows use
+    ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``, and ΔW is kept in at least fp32 (so
+    for half-precision models small updates are not rounded away, as in-place half-precision
+    SGD rounds them; ``grid.applied`` rounds W + ΔW to the model's dtype). A rate whose loss
+    diverges stops there and is reported in ``grid.diverged``; the others go on.
+    ``side_by_side=None`` uses it when the model supports it, else trains each rate in place
+    when it is applied.
     """
     _check_args(mode, lrs)
     if not lrs:
@@ -482,8 +499,10 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
         raise NotImplementedError("side-by-side FT needs the one-pass vocabulary loss")
     for p in trained:  # only the deltas learn; the model's own K/V stay as they are
         p.requires_grad_(False)
-    deltas = [torch.zeros(len(rates), *p.shape, dtype=p.dtype, device=p.device,
-                          requires_grad=True) for p in trained]  # fmt: skip
+    # fp32 at least: a half-precision delta would round the small per-step updates away
+    deltas = [torch.zeros(len(rates), *p.shape, device=p.device, requires_grad=True,
+                          dtype=torch.promote_types(p.dtype, torch.float32))
+              for p in trained]  # fmt: skip
     device = B.input_device(model)
     n_layers = B.dims(model).n_layers
     live = list(range(len(rates)))
@@ -517,7 +536,7 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
                     g = t.grad
                     if dead:
                         g[dead] = 0.0
-                    t.sub_(g.mul_(lr.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)))
+                    t.sub_(g.mul_(lr.view(-1, *([1] * (g.dim() - 1))).to(g.device, g.dtype)))
                     t.grad = None
         for i in ok:
             r = live[i]

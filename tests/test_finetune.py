@@ -394,3 +394,24 @@ def test_grid_is_unusable_after_its_block(grid_setup):
     with pytest.raises(RuntimeError, match="inside its with-block"):
         with grid.applied(0.1):
             pass
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_grid_one_rate_at_a_time_and_the_blocks_own_errors(grid_setup, side_by_side):
+    """Nesting ``applied`` is refused (the inner exit would restore the outer rate), and an
+    error raised by the caller's block is not taken for the rate's divergence."""
+    model, tok, task, demos = grid_setup
+    snap = snapshot(model)
+    with finetuned_grid(model, demos, [0.1, 0.2], task=task, tokenizer=tok,
+                        side_by_side=side_by_side) as grid:  # fmt: skip
+        with grid.applied(0.1):
+            with pytest.raises(RuntimeError, match="still applied"):
+                with grid.applied(0.2):
+                    pass
+        with pytest.raises(FinetuneDivergedError, match="mine"):
+            with grid.applied(0.2):
+                raise FinetuneDivergedError("mine")
+        assert grid.diverged == {}
+        with grid.applied(0.2) as st:  # still usable afterwards
+            assert st.n_steps == len(demos)
+    assert_same(model, snap)
