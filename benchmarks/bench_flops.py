@@ -175,14 +175,12 @@ def block_rate(shapes, rows: int, backward: bool, seconds: float = 0.6) -> float
 def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
     """GFLOP/s of the FT loss's one-pass vocabulary product (logits and their gradient) at
     ``rows`` rows, with the model's own unembedding."""
-    from icl_lens.finetune import _vocab_loss
-
     d = B.dims(model)
     h = torch.randn(rows, d.d_model)
     targets = torch.zeros(rows, dtype=torch.long)
     weight = torch.ones(rows)
-    return _rate(lambda: _vocab_loss(model, h, targets, weight), 4 * rows * d.d_vocab * d.d_model,
-                 seconds)  # fmt: skip
+    return _rate(lambda: F._vocab_loss(model, h, targets, weight),
+                 4 * rows * d.d_vocab * d.d_model, seconds)  # fmt: skip
 
 
 def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:

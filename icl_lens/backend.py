@@ -240,8 +240,9 @@ def kv_deltas(model: nn.Module, deltas: Sequence[Tensor]) -> Iterator[None]:
             h.remove()
 
 
-def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, rows: int, eq: str) -> Tensor:
-    """Σ_in x·w (+ b) per batch row, with ``x``'s batch = rows × per-row copies."""
+def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, eq: str) -> Tensor:
+    """Σ_in x·w (+ b) per batch row, with ``x``'s batch = delta rows × per-row copies."""
+    rows = (w if w is not None else b).shape[0]
     if x.shape[0] % rows:
         raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {rows} delta rows")
     per = x.shape[0] // rows
@@ -270,8 +271,7 @@ def _bridge_delta_hooks(model: nn.Module, by_param: dict) -> list:
             b = by_param.get(id(lin.bias), (None, None))[1] if lin.bias is not None else None
 
             def add(mod, args, out, w=w, b=b):
-                rows = (w if w is not None else b).shape[0]
-                return out + _row_term(args[0], w, b, rows, "b...i,boi->b...o")
+                return out + _row_term(args[0], w, b, "b...i,boi->b...o")
 
             handles.append(lin.register_forward_hook(add))
     return handles
@@ -305,8 +305,7 @@ def _tl3_delta_hooks(model: nn.Module, by_param: dict) -> list:
                     ww = ww.repeat_interleave(heads // ww.shape[1], 1)
                 if bb is not None and bb.shape[1] != heads:
                     bb = bb.repeat_interleave(heads // bb.shape[1], 1)
-                rows = (ww if ww is not None else bb).shape[0]
-                return out + _row_term(x, ww, bb, rows, "bpd,bhde->bphe")
+                return out + _row_term(x, ww, bb, "bpd,bhde->bphe")
 
             handles.append(getattr(attn, f"hook_{kind}").register_forward_hook(add))
     return handles

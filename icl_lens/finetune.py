@@ -243,11 +243,10 @@ def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
 
 @contextmanager
 def _restoring(model: nn.Module, trained: Sequence[Tensor]) -> Iterator[list[Tensor]]:
-    """Keep the originals of ``trained`` (yielded), their grads, every parameter's
-    ``requires_grad`` and the train/eval mode; put all of them back on exit, even on errors."""
+    """Keep the originals of ``trained`` (yielded), their grads and the train/eval mode; put
+    all of them back on exit, even on errors."""
     originals = [p.detach().clone() for p in trained]
     grads = [p.grad for p in trained]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:
         yield originals
@@ -256,10 +255,26 @@ def _restoring(model: nn.Module, trained: Sequence[Tensor]) -> Iterator[list[Ten
             for p, orig, g in zip(trained, originals, grads, strict=True):
                 p.copy_(orig)
                 p.grad = g
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
         model.train(was_training)
         release_memory()
+
+
+@contextmanager
+def _training(model: nn.Module) -> Iterator[None]:
+    """Gradients on for the block; every parameter's ``requires_grad`` (which training sets to
+    train only the K/V tensors) is put back on exit, even on errors."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
+def _token_demo(sequences: Sequence[list[int]]) -> Tensor:
+    """The demonstration (training step) of every trained token, BOS excluded."""
+    return torch.tensor([step for step, seq in enumerate(sequences) for _ in range(len(seq) - 1)])
 
 
 def _check_args(mode: str, lrs: Sequence[float]) -> None:
@@ -294,12 +309,9 @@ def finetuned(
     named = list(params) if params is not None else B.named_kv_parameters(model)
     trained = [p for _, p in named]
     state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     with _restoring(model, trained):
-        with torch.enable_grad():
+        with _training(model):
             _train(model, sequences, trained, state, record_queries, progress)
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
         yield state
 
 
@@ -341,7 +353,6 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     device = B.input_device(model)
     n_layers = B.dims(model).n_layers
     q_steps: list[Tensor] = []
-    token_demo: list[int] = []
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
         qs: dict[int, Tensor] = {}
         hooks = _query_hooks(model, qs) if record_queries else []
@@ -356,12 +367,11 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
         state.losses.append(value)
         if record_queries:
             q_steps.append(torch.stack([qs[layer][0] for layer in range(n_layers)]))
-            token_demo += [step] * (len(seq) - 1)
     for p in trained:
         p.grad = None
     if record_queries:
         state.train_q = torch.cat(q_steps, dim=1).float()
-        state.train_token_demo = torch.tensor(token_demo)
+        state.train_token_demo = _token_demo(sequences)
 
 
 # --------------------------------------------------------------------------- learning-rate grid
@@ -459,7 +469,6 @@ def finetuned_grid(
     named = B.named_kv_parameters(model)
     trained = [p for _, p in named]
     rates = list(dict.fromkeys(float(lr) for lr in lrs))
-    flags = {id(p): p.requires_grad for p in model.parameters()}
 
     def run_one(lr):
         return finetuned(model, sequences, lr, mode=mode, record_queries=record_queries,
@@ -471,14 +480,12 @@ def finetuned_grid(
     with _restoring(model, trained) as originals:
         grid = FTGrid(model, rates, named, originals, None)
         try:
-            with torch.enable_grad():
+            with _training(model):
                 _train_side_by_side(model, sequences, grid, mode, record_queries, progress)
         except NotImplementedError:
             if side_by_side:
                 raise
             grid = None
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
         if grid is not None:
             try:
                 yield grid
@@ -549,8 +556,6 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
             continue
         if record_queries:
             state.train_q = torch.cat(q_steps[r], dim=1).float()
-            state.train_token_demo = torch.tensor(
-                [step for step, seq in enumerate(sequences) for _ in range(len(seq) - 1)]
-            )
+            state.train_token_demo = _token_demo(sequences)
         grid.states[lr] = state
         grid._deltas[lr] = [t[r].detach() for t in deltas]
