@@ -37,6 +37,15 @@ def is_bridge(model: nn.Module) -> bool:
     return hasattr(model, "adapter") or type(model).__name__ == "TransformerBridge"
 
 
+def architecture(model: nn.Module) -> str:
+    """The model's architecture name, for messages and provenance (e.g. "LlamaForCausalLM")."""
+    arch = getattr(model.cfg, "original_architecture", None)
+    if not arch:
+        hf = getattr(getattr(model, "original_model", None), "config", None)
+        arch = (getattr(hf, "architectures", None) or [None])[0]
+    return str(arch or type(model).__name__)
+
+
 def check_model(model: object) -> None:
     """Raise a one-line error unless ``model`` is a hooked TransformerLens model."""
     if not (hasattr(model, "hook_dict") and hasattr(model, "cfg") and hasattr(model, "blocks")):
@@ -591,6 +600,29 @@ def supports_prefix_cache(model: nn.Module) -> bool:
     return _hf_model(model) is not None
 
 
+class PrefixCacheError(RuntimeError):
+    """The key-value cache of a shared prefix was not filled or not used as expected."""
+
+
+def hf_cache_kwarg(hf_model: nn.Module) -> str:
+    """The name under which this HF model's ``forward`` takes a KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works,
+    deprecated, until 5.40); the bridge passes unknown keywords straight through.
+    """
+    import inspect
+
+    params = inspect.signature(hf_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _transformers_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "absent"
+
+
 def _hf_model(model: nn.Module) -> nn.Module | None:
     """The underlying HF model of a bridge built from transformers, else None."""
     inner = getattr(model, "original_model", None)
@@ -617,13 +649,27 @@ def prefix_cache(model: nn.Module, prefix: Tensor) -> PrefixCache:
             )
         cache.freeze()
         return PrefixCache("tl3", cache, prefix.shape[1])
-    with torch.no_grad():  # pragma: no cover - TL 4 leg
+    hf = _hf_model(model)  # pragma: no cover - TL 4 leg
+    from transformers import DynamicCache
+
+    # Our own cache object, filled in place by the HF model: no reliance on what the bridge
+    # or transformers call it on the way out (transformers 5.24 renamed ``past_key_values``
+    # to ``cache`` in outputs, and TL 4.3's bridge then returned None).
+    past = DynamicCache(config=hf.config)
+    kwargs = {hf_cache_kwarg(hf): past, "use_cache": True}
+    with torch.no_grad(), _cache_alias(model):
         try:  # logits of the last position only: the prefix's full-vocabulary logits
-            _, past = model(prefix, return_type="logits_and_cache", logits_to_keep=1)
+            model(prefix, return_type=None, logits_to_keep=1, **kwargs)
         except TypeError as e:  # (1800 x 262k floats on Gemma) would dominate peak memory
             if "logits_to_keep" not in str(e):
                 raise
-            _, past = model(prefix, return_type="logits_and_cache")
+            model(prefix, return_type=None, **kwargs)
+    held = past.get_seq_length()
+    if held != prefix.shape[1]:
+        raise PrefixCacheError(
+            f"the model filled {held} of {prefix.shape[1]} prefix positions of the key-value "
+            f"cache (transformers {_transformers_version()}); run with shared_prefix=False"
+        )
     return PrefixCache("hf", past, prefix.shape[1])
 
 
@@ -634,10 +680,11 @@ def run_with_prefix(
     attention_mask: Tensor,
     fwd_hooks: Sequence[tuple[str, object]],
     stop_at: str | None = None,
-) -> None:
+) -> Tensor | None:
     """Run right-padded continuations ``tokens`` [batch, pos] after the cached prefix.
 
     Hooks see only the new positions; attention-score rows span prefix + new keys.
+    Returns the new positions' logits when the pass runs to the end, else None.
     """
     batch = tokens.shape[0]
     full_mask = torch.cat(
@@ -655,7 +702,7 @@ def run_with_prefix(
         expanded.previous_attention_mask = full_mask[:, : cache.length].to(
             tl_cache.previous_attention_mask
         )
-        run_until(
+        return run_until(
             model,
             tokens,
             fwd_hooks,
@@ -663,11 +710,36 @@ def run_with_prefix(
             attention_mask=attention_mask,
             past_kv_cache=expanded,
         )
-        return
     past = _expanded_hf_cache(cache.state, batch)  # pragma: no cover - TL 4 leg
-    run_until(
-        model, tokens, fwd_hooks, stop_at=stop_at, attention_mask=full_mask, past_key_values=past
-    )
+    kwargs = {hf_cache_kwarg(_hf_model(model)): past, "use_cache": True}
+    with _cache_alias(model):
+        return run_until(
+            model, tokens, fwd_hooks, stop_at=stop_at, attention_mask=full_mask, **kwargs
+        )
+
+
+@contextmanager
+def _cache_alias(model: nn.Module) -> Iterator[None]:  # pragma: no cover - TL 4 leg
+    """Hand each attention bridge the cache under the name it reads.
+
+    transformers >= 5.24 passes the cache to attention as ``cache=``; TL 4.3's attention
+    bridges read only ``past_key_values``/``layer_past`` and silently ran without it.
+    """
+    if hf_cache_kwarg(_hf_model(model)) != "cache":
+        yield
+        return
+
+    def alias(mod, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    handles = [b.attn.register_forward_pre_hook(alias, with_kwargs=True) for b in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _expanded_hf_cache(state: object, batch: int) -> object:  # pragma: no cover - TL 4 leg
@@ -815,7 +887,12 @@ def load_neutral_state_dict(model: nn.Module, neutral: dict[str, Tensor]) -> Non
 
 def tl_version_info() -> dict[str, str]:
     """Versions recorded in every results file."""
-    return {"transformer_lens": TL_VERSION, "backend": BACKEND, "torch": torch.__version__}
+    return {
+        "transformer_lens": TL_VERSION,
+        "backend": BACKEND,
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+    }
 
 
 # --------------------------------------------------------------------------- loading
@@ -1117,6 +1194,7 @@ __all__ = [
     "TL_VERSION",
     "ModelDims",
     "PROCESSING",
+    "architecture",
     "attention_parameters",
     "build_from_hf",
     "canonical_hook_name",

@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
+from icl_lens.checks import FastPathWarning, SelfCheckError, rel_diff, tolerance
+from icl_lens.checks import warn as _warn
 from icl_lens.memory import release_memory
 
 CONDITIONS = ("zs", "icl", "ft")
+__all__ = ["CONDITIONS", "FastPathWarning", "Records", "SelfCheckError", "capture"]
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Records:
     demo_of_token: Int[Tensor, " demo_tok"] = field(default_factory=lambda: torch.zeros(0))
     n_tokens: Int[Tensor, " example"] = field(default_factory=lambda: torch.zeros(0))
     prefix_cached: bool = False
+    checks: dict = field(default_factory=dict)  # what the run-time self-checks measured
 
     @property
     def preds(self) -> Int[Tensor, " example"]:
@@ -82,6 +86,7 @@ def capture(
     batch_size: int = 8,
     shared_prefix: bool | None = None,
     detail_limit: int | None = None,
+    self_check: bool = True,
     progress: bool = True,
 ) -> Records:
     """Run ``prompts`` (from ``tasks.build_prompt``) through ``model`` and keep the records.
@@ -91,6 +96,14 @@ def capture(
     ``detail_limit=N`` keeps the two large per-example fields, ``q`` and ``demo_scores``, for
     the first N prompts only (Kendall reads no more); everything else, ``demo_mask`` included,
     is kept for all, so pair ``demo_scores`` with ``demo_mask[: len(demo_scores)]``.
+
+    ``self_check=True`` (the default) first verifies the fast paths on this model, cheaply
+    (the shortest and the longest prompt): the label-word logits equal the model's own
+    logits; the recorded scores are pre-softmax (their softmax is ``hook_pattern``); the
+    visible-key masks match the pattern's zeros and the model's sliding windows; and the
+    shared-prefix records equal full-prompt records. A failing fast path falls back to the
+    plain one with a ``FastPathWarning``; wrong scores raise ``SelfCheckError``. What ran
+    and what the checks measured is in ``Records.checks``.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
@@ -118,37 +131,32 @@ def capture(
         if list(p.spans.demo_token_positions()) != demo_pos:
             raise ValueError("all prompts of one capture must share the same demonstrations")
     demo_of_token = torch.as_tensor(prompts[0].spans.demo_of_position(), dtype=torch.long)
-    label_ids = list(label_token_ids)
-    w_u, b_u = B.unembed_rows(model, label_ids)
-    w_u, b_u = w_u.detach(), None if b_u is None else b_u.detach()
-    scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
+    run = _Pass(model, d, list(label_token_ids), demo_pos)
+    n, n_demo = len(prompts), len(demo_pos)
+    n_detail = n if detail_limit is None else min(n, detail_limit)
+    q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
+    # Batches of similar length waste little compute on padding. Each batch writes its rows
+    # straight into the preallocated outputs, at the prompts' own indices (input order).
+    order = sorted(range(n), key=lambda i: len(prompts[i].tokens))
+    checks: dict = {"tolerance": tolerance(run.dtype), "dtype": str(run.dtype)}
+    if self_check:
+        sample = [prompts[i] for i in sorted({order[0], order[-1]})]
+        prefix_len = _self_check(run, sample, q_len, prefix_len, checks)
+    else:
+        checks["skipped"] = "self_check=False"
+    checks["prefix_cache"] = checks.get("prefix_cache") or {"used": bool(prefix_len)}
 
     cache = None
     if prefix_len:
         prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=B.input_device(model))
         cache = B.prefix_cache(model, prefix)
 
-    # Batches of similar length waste little compute on padding. Each batch writes its rows
-    # straight into the preallocated outputs, at the prompts' own indices (input order).
-    n, n_demo = len(prompts), len(demo_pos)
-    n_detail = n if detail_limit is None else min(n, detail_limit)
-    q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
-    out = {
-        "logits": torch.empty(n, len(label_ids)),
-        "attn_out": torch.empty(n, d.n_layers, d.d_model),
-        "q": torch.empty(n_detail, d.n_layers, d.d_q),
-        "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
-        "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
-        "ds": torch.zeros(n_detail, d.n_layers, d.n_heads, n_demo),
-        "dm": torch.zeros(n, d.n_layers, n_demo, dtype=torch.bool),
-    }
-    order = sorted(range(n), key=lambda i: len(prompts[i].tokens))
+    out = _alloc(n, n_detail, d, len(run.label_ids), q_len, n_demo)
     bar = tqdm(total=n, desc=f"capture {condition}", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = torch.tensor(order[start : start + batch_size])
         batch = [prompts[i] for i in idx.tolist()]
-        _run_batch(model, batch, idx, out, n_detail, d, label_ids, w_u, b_u, scales, demo_pos,
-                   prefix_len, cache)  # fmt: skip
+        run(batch, idx, out, n_detail, prefix_len, cache)
         bar.update(len(batch))
     bar.close()
     # Scores of padded query slots stay masked out; queries are right-padded, so the
@@ -156,6 +164,12 @@ def capture(
     out["qs"].masked_fill_(~out["qm"].unsqueeze(2), 0.0)
     del cache
     release_memory()
+    if n_demo and not out["dm"].any():
+        raise SelfCheckError(
+            f"no demonstration token is visible to the recorded position in any layer of "
+            f"{B.architecture(model)} (prefix cache used: {bool(prefix_len)}): ICL would run "
+            "without its demonstrations; run with shared_prefix=False (--no-prefix-cache)"
+        )
     return Records(
         condition=condition,
         record=record,
@@ -171,7 +185,138 @@ def capture(
         demo_of_token=demo_of_token,
         n_tokens=torch.tensor([len(p.tokens) for p in prompts]),
         prefix_cached=bool(prefix_len),
+        checks=checks,
     )
+
+
+def _alloc(n: int, n_detail: int, d: B.ModelDims, n_labels: int, q_len: int, n_demo: int):
+    """The CPU outputs one capture fills (rows in input order)."""
+    return {
+        "logits": torch.empty(n, n_labels),
+        "attn_out": torch.empty(n, d.n_layers, d.d_model),
+        "q": torch.empty(n_detail, d.n_layers, d.d_q),
+        "qs": torch.zeros(n, d.n_layers, d.n_heads, q_len),
+        "qm": torch.zeros(n, d.n_layers, q_len, dtype=torch.bool),
+        "ds": torch.zeros(n_detail, d.n_layers, d.n_heads, n_demo),
+        "dm": torch.zeros(n, d.n_layers, n_demo, dtype=torch.bool),
+    }
+
+
+# --------------------------------------------------------------------------- self-checks
+
+
+def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: dict) -> int:
+    """Verify the fast paths on ``sample``; fill ``checks``; return the prefix length to use
+    (0 when the shared-prefix path failed its check)."""
+    tol = checks["tolerance"]
+    arch = B.architecture(run.model)
+    # 1. label-word logits (final norm @ W_U[:, labels] + b_U, soft-capped) vs the model's own
+    got, want = run.label_logit_pair(sample[-1])
+    diff = rel_diff(got, want)
+    checks["label_logits"] = {"max_rel_diff": diff, "path": "label_columns"}
+    if diff > tol:
+        _warn(f"{arch}: label-word logits from the unembedding columns differ from the model's "
+              f"own logits by {diff:.3g} (relative; tolerance {tol:g}); reading them from the "
+              "model's full logits instead (slower)")  # fmt: skip
+        run.from_model_logits = True
+        checks["label_logits"]["path"] = "model_logits"
+
+    # 2. one plain (full-prompt) pass over the sample, with the model's pattern beside it
+    k = len(sample)
+    idx = torch.arange(k)
+    n_demo = len(run.demo_pos)
+    plain = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo)
+    probe: dict = {"scores": {}, "pattern": {}}
+    run(sample, idx, plain, k, 0, None, probe=probe)
+    checks["scores"] = _check_scores(probe, sample, tol, arch)
+    checks["windows"] = _check_windows(probe, sample, run.d.windows, arch)
+
+    # 3. the shared-prefix fast path against the plain pass
+    if not prefix_len:
+        return 0
+    report: dict = {"used": False, "checked_prompts": k, "prefix_tokens": prefix_len}
+    checks["prefix_cache"] = report
+    try:
+        prefix = torch.tensor(sample[0].tokens[:prefix_len], device=B.input_device(run.model))
+        cache = B.prefix_cache(run.model, prefix)
+        fast = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo)
+        run(sample, idx, fast, k, prefix_len, cache)
+    except Exception as e:  # noqa: BLE001 - any failure of the fast path means: do not use it
+        report["reason"] = f"{type(e).__name__}: {e}"
+        _warn(f"{arch}: the shared-prefix KV cache failed ({report['reason']}); running full "
+              "prompts instead")  # fmt: skip
+        return 0
+    diffs = {name: rel_diff(fast[key], plain[key]) for name, key in _COMPARED.items()}
+    masks = {name: bool(torch.equal(fast[key], plain[key])) for name, key in _MASKS.items()}
+    report.update(max_rel_diff=diffs, masks_equal=masks)
+    bad = [f"{k} off by {v:.3g}" for k, v in diffs.items() if not v <= tol]
+    bad += [f"{k} differ" for k, same in masks.items() if not same]
+    if bad:
+        report["reason"] = "; ".join(bad)
+        _warn(f"{arch}: shared-prefix records disagree with full prompts ({report['reason']}; "
+              f"tolerance {tol:g}, transformers {B.tl_version_info()['transformers']}); "
+              "running full prompts instead")  # fmt: skip
+        return 0
+    report["used"] = True
+    return prefix_len
+
+
+_COMPARED = {"label_logits": "logits", "attn_out": "attn_out", "q": "q",
+             "query_scores": "qs", "demo_scores": "ds"}  # fmt: skip
+_MASKS = {"query_mask": "qm", "demo_mask": "dm"}
+
+
+def _check_scores(probe: dict, sample: list, tol: float, arch: str) -> dict:
+    """The recorded score rows must be pre-softmax: their softmax is the model's pattern."""
+    if len(probe["pattern"]) != len(probe["scores"]):
+        return {"checked": False, "reason": "hook_pattern did not fire on this model"}
+    worst = 0.0
+    for layer, scores in probe["scores"].items():
+        pattern = probe["pattern"][layer]
+        for i, p in enumerate(sample):
+            end = p.spans.record_pos + 1  # keys the recorded row may see (causal)
+            want = pattern[i, :, :end].double()
+            got = scores[i, :, :end].double().softmax(-1)
+            worst = max(worst, float((got - want).abs().max()))
+            if not worst <= tol:
+                raise SelfCheckError(
+                    f"{arch} on TL {B.TL_VERSION}: blocks.{layer} attention scores are not "
+                    f"pre-softmax (their softmax differs from hook_pattern by {worst:.3g}); "
+                    "SimAM and Kendall would be computed on the wrong quantity, so icl-lens "
+                    "refuses this model on this backend"
+                )
+    return {"checked": True, "max_abs_diff": worst}
+
+
+def _check_windows(probe: dict, sample: list, windows: tuple, arch: str) -> dict:
+    """Visible keys (finite scores) are where the pattern is non-zero, and their count is the
+    one the model's sliding windows give."""
+    if len(probe["pattern"]) != len(probe["scores"]):
+        return {"checked": False, "reason": "hook_pattern did not fire on this model"}
+    problems = []
+    for layer, scores in probe["scores"].items():
+        pattern = probe["pattern"][layer]
+        for i, p in enumerate(sample):
+            end = p.spans.record_pos + 1
+            seen = _visible(scores[i, :, :end])
+            nonzero = pattern[i, :, :end] > 0
+            underflow = scores[i, :, :end].float().softmax(-1) == 0  # visible, yet exp -> 0
+            if bool(((seen != nonzero) & ~underflow).any()):
+                problems.append(f"layer {layer}: masks differ from the pattern's zeros")
+                break
+            window = windows[layer]
+            want = end if window is None else min(end, int(window))
+            have = int(seen.all(0).sum())
+            if have != want:
+                problems.append(f"layer {layer}: {have} visible keys, windows say {want}")
+                break
+    if problems:
+        _warn(f"{arch}: sliding-window check failed ({'; '.join(problems)}); the records use "
+              "the model's own masks, but its detected windows are wrong")  # fmt: skip
+    return {"checked": True, "ok": not problems, "problems": problems}
+
+
+# --------------------------------------------------------------------------- one pass
 
 
 def _visible(scores: Tensor) -> Tensor:
@@ -191,82 +336,138 @@ def _pad_left(row: Tensor, n: int) -> Tensor:
     return torch.nn.functional.pad(row, (n, 0), value=float("-inf"))
 
 
-@torch.no_grad()
-def _run_batch(model, batch, idx, out, n_detail, d, label_ids, w_u, b_u, scales, demo_pos,
-               prefix_len, cache) -> None:  # fmt: skip
-    """One padded forward pass over ``batch``; writes rows ``idx`` of the CPU tensors ``out``
-    (rows ``idx < n_detail`` only for ``q`` and ``demo_scores``)."""
-    n = len(batch)
-    lengths = [len(p.tokens) - prefix_len for p in batch]
-    width = max(lengths)
-    tokens = torch.zeros(n, width, dtype=torch.long)
-    mask = torch.zeros(n, width, dtype=torch.long)
-    for i, p in enumerate(batch):
-        tokens[i, : lengths[i]] = torch.tensor(p.tokens[prefix_len:])
-        mask[i, : lengths[i]] = 1
-    rows = torch.arange(n)
-    # positions relative to the tokens actually fed (prefix excluded)
-    rec = torch.tensor([p.spans.record_pos - prefix_len for p in batch])
-    pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch])
-    q_start = [p.spans.query[0] for p in batch]  # absolute
-    q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
-    demo_idx = torch.tensor(demo_pos, dtype=torch.long)
-    detail = idx < n_detail  # batch rows whose q / demo scores are kept
+class _Pass:
+    """What every batch of one capture shares: the model, the label words' unembedding, the
+    attention scales, the demonstration positions, and which label-logit path to take."""
 
-    def attn_out_hook(layer):
-        def hook(t, hook):
-            out["attn_out"][idx, layer] = _at(t, rows, rec).float().cpu()
+    def __init__(self, model: nn.Module, d: B.ModelDims, label_ids: list[int], demo_pos: list):
+        self.model, self.d, self.label_ids, self.demo_pos = model, d, label_ids, demo_pos
+        w_u, b_u = B.unembed_rows(model, label_ids)
+        self.w_u, self.b_u = w_u.detach(), None if b_u is None else b_u.detach()
+        self.cap = B.logit_soft_cap(model)
+        self.scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
+        self.dtype = self.w_u.dtype
+        self.from_model_logits = False  # set when the label-column path fails its check
 
-        return hook
+    def label_logits(self, x: Tensor) -> Tensor:
+        """Final-normed residual rows -> the label words' logits (bias, soft cap)."""
+        logits = x.to(self.w_u.dtype) @ self.w_u
+        if self.b_u is not None:
+            logits = logits + self.b_u
+        if self.cap is not None:
+            logits = self.cap * torch.tanh(logits / self.cap)
+        return logits
 
-    def q_hook(layer):
-        def hook(t, hook):
-            if detail.any():
-                q = _at(t, rows[detail], rec[detail]).flatten(-2) / scales[layer] ** 0.5
-                out["q"][idx[detail], layer] = q.float().cpu()
+    @torch.no_grad()
+    def label_logit_pair(self, prompt) -> tuple[Tensor, Tensor]:
+        """(ours, the model's own) label logits at the end of a short piece of ``prompt``
+        ending at its prediction position: one plain forward pass of at most 48 tokens."""
+        end = prompt.spans.predict_pos + 1
+        tokens = torch.tensor([prompt.tokens[max(0, end - 48) : end]])
+        kept = {}
 
-        return hook
+        def keep(t, hook):
+            kept["x"] = t[:, -1]
 
-    def scores_hook(layer):
-        def hook(t):
-            # keys are the prefix (possibly trimmed to a sliding window by the cache) + new ones
-            offset = prefix_len + t.shape[2] - t.shape[3]
-            row = t[rows.to(t.device), :, rec.to(t.device)].float().cpu()
-            row = _pad_left(row, offset)  # [batch, head, absolute key], on the CPU
-            for i in range(n):
-                s, e = q_start[i], q_end[i]
-                own = row[i, :, s:e]
-                out["qs"][idx[i], layer, :, : e - s] = own
-                out["qm"][idx[i], layer, : e - s] = _visible(own).all(0)
-            if len(demo_pos):
-                demo = row[:, :, demo_idx]
-                seen = _visible(demo)
-                out["ds"][idx[detail], layer] = torch.where(seen, demo, torch.zeros(()))[detail]
-                out["dm"][idx, layer] = seen.all(1)
+        stop = B.final_norm_hook_name(self.model)
+        tokens = tokens.to(B.input_device(self.model))
+        logits = B.run_until(self.model, tokens, [(stop, keep)])
+        ours = self.label_logits(kept["x"].to(self.w_u.device))[0]
+        theirs = logits[0, -1, torch.tensor(self.label_ids, device=logits.device)]
+        return ours.float().cpu(), theirs.float().cpu()
 
-        return hook
+    @torch.no_grad()
+    def __call__(self, batch, idx, out, n_detail, prefix_len, cache, probe=None) -> None:
+        """One padded forward pass over ``batch``; writes rows ``idx`` of the CPU tensors
+        ``out`` (rows ``idx < n_detail`` only for ``q`` and ``demo_scores``). With ``probe``,
+        also keeps each layer's whole recorded score row and pattern row (absolute keys)."""
+        model, d = self.model, self.d
+        n = len(batch)
+        lengths = [len(p.tokens) - prefix_len for p in batch]
+        width = max(lengths)
+        tokens = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, p in enumerate(batch):
+            tokens[i, : lengths[i]] = torch.tensor(p.tokens[prefix_len:])
+            mask[i, : lengths[i]] = 1
+        rows = torch.arange(n)
+        # positions relative to the tokens actually fed (prefix excluded)
+        rec = torch.tensor([p.spans.record_pos - prefix_len for p in batch])
+        pred = torch.tensor([p.spans.predict_pos - prefix_len for p in batch])
+        q_start = [p.spans.query[0] for p in batch]  # absolute
+        q_end = [p.spans.record_pos + 1 for p in batch]  # the recorded row sees itself
+        demo_idx = torch.tensor(self.demo_pos, dtype=torch.long)
+        detail = idx < n_detail  # batch rows whose q / demo scores are kept
 
-    final = {}
+        def attn_out_hook(layer):
+            def hook(t, hook):
+                out["attn_out"][idx, layer] = _at(t, rows, rec).float().cpu()
 
-    def final_hook(t, hook):
-        final["x"] = _at(t, rows, pred).to(w_u.device)
+            return hook
 
-    hooks = []
-    for layer in range(d.n_layers):
-        hooks += [
-            (B.hook_name("attn_out", layer), attn_out_hook(layer)),
-            (B.hook_name("q", layer), q_hook(layer)),
-        ]
-        hooks += B.attn_scores_hooks(model, layer, scores_hook(layer))
-    stop = B.final_norm_hook_name(model)
-    hooks.append((stop, final_hook))
-    tokens, mask = tokens.to(B.input_device(model)), mask.to(B.input_device(model))
-    if cache is not None:
-        B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop)
-    else:
-        # right padding needs no mask: under causal attention no real row sees a pad
-        B.run_until(model, tokens, hooks, stop_at=stop)
-    logits = final["x"].to(w_u.dtype) @ w_u
-    if b_u is not None:
-        logits = logits + b_u
-    out["logits"][idx] = logits.float().cpu()
+        def q_hook(layer):
+            def hook(t, hook):
+                if detail.any():
+                    q = _at(t, rows[detail], rec[detail]).flatten(-2) / self.scales[layer] ** 0.5
+                    out["q"][idx[detail], layer] = q.float().cpu()
+
+            return hook
+
+        def scores_hook(layer):
+            def hook(t):
+                # keys: the prefix (possibly trimmed to a sliding window by the cache) + new
+                offset = prefix_len + t.shape[2] - t.shape[3]
+                row = t[rows.to(t.device), :, rec.to(t.device)].float().cpu()
+                row = _pad_left(row, offset)  # [batch, head, absolute key], on the CPU
+                if probe is not None:
+                    probe["scores"][layer] = row
+                for i in range(n):
+                    s, e = q_start[i], q_end[i]
+                    own = row[i, :, s:e]
+                    out["qs"][idx[i], layer, :, : e - s] = own
+                    out["qm"][idx[i], layer, : e - s] = _visible(own).all(0)
+                if len(demo_idx):
+                    demo = row[:, :, demo_idx]
+                    seen = _visible(demo)
+                    out["ds"][idx[detail], layer] = torch.where(seen, demo, torch.zeros(()))[detail]
+                    out["dm"][idx, layer] = seen.all(1)
+
+            return hook
+
+        def pattern_hook(layer):
+            def hook(t, hook):
+                offset = prefix_len + t.shape[2] - t.shape[3]
+                row = t[rows.to(t.device), :, rec.to(t.device)].float().cpu()
+                probe["pattern"][layer] = torch.nn.functional.pad(row, (offset, 0))
+
+            return hook
+
+        final = {}
+
+        def final_hook(t, hook):
+            final["x"] = _at(t, rows, pred).to(self.w_u.device)
+
+        hooks = []
+        for layer in range(d.n_layers):
+            hooks += [
+                (B.hook_name("attn_out", layer), attn_out_hook(layer)),
+                (B.hook_name("q", layer), q_hook(layer)),
+            ]
+            hooks += B.attn_scores_hooks(model, layer, scores_hook(layer))
+            if probe is not None:
+                hooks.append((B.hook_name("pattern", layer), pattern_hook(layer)))
+        stop = None if self.from_model_logits else B.final_norm_hook_name(model)
+        if stop is not None:
+            hooks.append((stop, final_hook))
+        tokens, mask = tokens.to(B.input_device(model)), mask.to(B.input_device(model))
+        if cache is not None:
+            logits = B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop)
+        else:
+            # right padding needs no mask: under causal attention no real row sees a pad
+            logits = B.run_until(model, tokens, hooks, stop_at=stop)
+        if self.from_model_logits:
+            ids = torch.tensor(self.label_ids, device=logits.device)
+            label_logits = _at(logits, rows, pred)[:, ids]
+        else:
+            label_logits = self.label_logits(final["x"])
+        out["logits"][idx] = label_logits.float().cpu()

@@ -272,3 +272,98 @@ def test_detail_limit_keeps_q_and_demo_scores_for_the_first_prompts(setup):
         torch.testing.assert_close(getattr(some, name), getattr(full, name), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="detail_limit"):
         capture(model, prompts, label_ids, "icl", detail_limit=-1, progress=False)
+
+
+# --------------------------------------------------------------------------- self-checks
+
+
+@pytest.fixture
+def cached_model(request, setup):
+    """A model whose prefix KV cache is used: the toy on TL 3, a tiny HF Gemma-3 on TL 4."""
+    if B.BACKEND == "bridge":
+        model, tok = request.getfixturevalue("tiny_gemma")
+        demos, evals = toy_episode(seed=1, n_demos=6, n_eval=5, tokenizer=tok)
+        return model, tok, toy_task(2), demos, evals
+    return setup
+
+
+def _drop_prefix(model, cache, tokens, attention_mask, fwd_hooks, stop_at=None):
+    """A broken fast path: runs the continuations without the cached prefix, as TL 4.3 did
+    on transformers 5.24 (the cache went in under a name the attention never read)."""
+    return B.run_until(model, tokens, fwd_hooks, stop_at=stop_at)
+
+
+def test_broken_prefix_cache_is_caught_and_falls_back(cached_model, monkeypatch):
+    from icl_lens.capture import FastPathWarning
+
+    model, tok, task, demos, evals = cached_model
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    good = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    assert good.prefix_cached and good.checks["prefix_cache"]["used"]
+    assert max(good.checks["prefix_cache"]["max_rel_diff"].values()) <= 1e-4
+    monkeypatch.setattr(B, "run_with_prefix", _drop_prefix)
+    with pytest.warns(FastPathWarning, match="shared-prefix records disagree"):
+        rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    assert not rec.prefix_cached
+    report = rec.checks["prefix_cache"]
+    assert not report["used"] and "demo_mask differ" in report["reason"]
+    for f in dataclasses.fields(full):
+        a, b = getattr(full, f.name), getattr(rec, f.name)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f.name
+    # without the check, a capture that sees no demonstration is still refused
+    from icl_lens.capture import SelfCheckError
+
+    with pytest.raises(SelfCheckError, match="no demonstration token is visible"):
+        capture(model, prompts, label_ids, batch_size=2, self_check=False, progress=False)
+
+
+def test_probabilities_recorded_as_scores_are_refused(setup, monkeypatch):
+    """A backend whose hook_attn_scores holds the softmax (OPT on TL 4) must not be used."""
+    from icl_lens.capture import SelfCheckError
+
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    real = B.attn_scores_hooks
+
+    def softmaxed(model, layer, fn):
+        return real(model, layer, lambda t: fn(t.softmax(-1)))
+
+    monkeypatch.setattr(B, "attn_scores_hooks", softmaxed)
+    with pytest.raises(SelfCheckError, match="not pre-softmax"):
+        capture(model, prompts, label_token_ids(task, tok), progress=False)
+
+
+def test_label_logits_check_falls_back_to_the_models_logits(setup, monkeypatch):
+    """If the label-column shortcut disagrees with the model (say a missed soft cap or
+    scale), capture warns and reads the label logits from the model's own logits."""
+    from icl_lens.capture import FastPathWarning
+
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    monkeypatch.setattr(B, "logit_soft_cap", lambda model: 0.5)  # a cap the model lacks
+    with pytest.warns(FastPathWarning, match="label-word logits"):
+        rec = capture(model, prompts, label_ids, progress=False)
+    assert rec.checks["label_logits"]["path"] == "model_logits"
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(
+            rec.label_logits[i], naive(model, p, label_ids)["logits"], atol=1e-4, rtol=0
+        )
+
+
+def test_self_checks_pass_quietly_on_a_correct_model(cached_model):
+    import warnings
+
+    model, tok, task, demos, evals = cached_model
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec = capture(model, prompts, label_token_ids(task, tok), progress=False)
+    c = rec.checks
+    assert c["label_logits"]["path"] == "label_columns" and c["label_logits"]["max_rel_diff"] < 1e-5
+    assert c["scores"]["checked"] and c["scores"]["max_abs_diff"] < 1e-5
+    assert c["windows"]["ok"], c["windows"]
+    assert c["prefix_cache"]["used"]
