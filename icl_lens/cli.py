@@ -48,6 +48,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         config["baselines"] = tuple(args.baselines)
     if args.dual:
         config["dual"] = True
+    if args.no_prefix_cache:
+        config["shared_prefix"] = False
+    if args.no_self_checks:
+        config["self_checks"] = False
     results = Results()
     for task in tqdm(tasks, desc="tasks"):
         results = results + run_experiment(
@@ -115,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dual",
         action="store_true",
         help="add the ΔW_ICL vs ΔW_FT meta-gradient analysis (a new config: seeds rerun)",
+    )
+    rep.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="run every ICL prompt in full instead of reusing the demonstrations' KV cache "
+        "(slower; by default the cache is used only after it matches full prompts)",
+    )
+    rep.add_argument(
+        "--no-self-checks",
+        action="store_true",
+        help="skip the run-time checks of the fast paths against the plain ones (not advised)",
     )
     rep.add_argument("--batch-size", type=int, default=8)
     rep.add_argument("--n-boot", type=int, default=1000)

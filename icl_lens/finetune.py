@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
+from icl_lens.checks import rel_diff, tolerance, warn
 from icl_lens.memory import release_memory
 
 MODES = ("standard", "layer_causal")
@@ -46,6 +47,8 @@ class FTState:
     # captured in the forward pass of the step that trained on it: the Kendall FT side.
     train_q: Float[Tensor, "layer train_tok d_q"] | None = None
     train_token_demo: Int[Tensor, " train_tok"] | None = None
+    # which fast paths trained it and what their run-time checks measured
+    fast_paths: dict = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -349,6 +352,7 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     for p in trained:
         p.grad = None
     vocab_pass = _prepare(model, sequences, trained, state.mode)
+    state.fast_paths.update(side_by_side=False, one_pass_vocabulary_loss=vocab_pass)
     opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
     device = B.input_device(model)
     n_layers = B.dims(model).n_layers
@@ -496,6 +500,32 @@ def finetuned_grid(
         yield FTGrid(model, rates, named, None, run_one)
 
 
+def _check_side_by_side(model, tokens, mode, vocab_pass, trained, loss, grads) -> dict:
+    """Step 0 of side-by-side FT against the plain computation: with zero deltas, a row's
+    loss and its delta gradients must be the model's own loss and K/V-weight gradients.
+    Raises NotImplementedError (the grid then trains rate by rate) when they are not."""
+    for p in trained:
+        p.requires_grad_(True)
+    try:
+        plain = _step_losses(model, tokens, mode, vocab_pass, [])[0]
+        want = torch.autograd.grad(plain, trained)
+    finally:
+        for p in trained:
+            p.requires_grad_(False)
+    tol = tolerance(trained[0].dtype)
+    plain = float(plain.detach())
+    loss_diff = abs(loss - plain) / max(1.0, abs(plain))
+    grad_diff = max(rel_diff(g, w) for g, w in zip(grads, want, strict=True))
+    report = {"loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "tolerance": tol}
+    if not (loss_diff <= tol and grad_diff <= 10 * tol):
+        warn(
+            f"side-by-side FT disagrees with plain FT at step 0 (loss {loss_diff:.3g}, "
+            f"gradients {grad_diff:.3g} relative); training each rate in place instead"
+        )
+        raise NotImplementedError("side-by-side FT failed its check")
+    return report
+
+
 def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_queries: bool,
                         progress: bool) -> None:  # fmt: skip
     """SGD for every rate of ``grid`` at once, on K/V deltas (one batch row per live rate)."""
@@ -514,6 +544,7 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
     n_layers = B.dims(model).n_layers
     live = list(range(len(rates)))
     q_steps: list[list[Tensor]] = [[] for _ in rates]
+    check = None  # the step-0 check's report
     states = [FTState(lr=lr, mode=mode, param_names=[n for n, _ in named]) for lr in rates]
     for step, seq in enumerate(tqdm(sequences, desc="finetune (grid)", disable=not progress)):
         if not live:
@@ -538,6 +569,11 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
             for t in deltas:
                 t.grad = None
             torch.autograd.backward(losses[ok].sum(), inputs=deltas)
+            if step == 0:  # every delta is still 0: a row must be the plain model's step
+                row = live[ok[0]]
+                grads = [t.grad[row] for t in deltas]
+                check = _check_side_by_side(model, tokens[:1], mode, vocab_pass, trained,
+                                            values[ok[0]], grads)  # fmt: skip
             with torch.no_grad():
                 for t in deltas:  # in place: no second copy of the rates × K/V gradients
                     g = t.grad
@@ -552,6 +588,8 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
                 q_steps[r].append(torch.stack([qs[layer][i] for layer in range(n_layers)]))
         live = [live[i] for i in ok]
     for r, (lr, state) in enumerate(zip(rates, states, strict=True)):
+        state.fast_paths.update(side_by_side=True, one_pass_vocabulary_loss=vocab_pass,
+                                side_by_side_check=check)  # fmt: skip
         if lr in grid.diverged:
             continue
         if record_queries:

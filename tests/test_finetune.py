@@ -415,3 +415,38 @@ def test_grid_one_rate_at_a_time_and_the_blocks_own_errors(grid_setup, side_by_s
         with grid.applied(0.2) as st:  # still usable afterwards
             assert st.n_steps == len(demos)
     assert_same(model, snap)
+
+
+def test_grid_side_by_side_self_check_catches_wrong_deltas(grid_setup, monkeypatch):
+    """A broken per-row delta path (here: deltas counted twice) is caught at step 0; the
+    grid warns, trains each rate in place, and gives what ``finetuned`` gives."""
+    from contextlib import contextmanager
+
+    from icl_lens.checks import FastPathWarning
+
+    model, tok, task, demos = grid_setup
+    real = B.kv_deltas
+
+    @contextmanager
+    def doubled(model, deltas):
+        with real(model, [2 * t for t in deltas]):
+            yield
+
+    with finetuned_grid(model, demos, [0.05, 0.3], task=task, tokenizer=tok) as grid:
+        assert grid._run_one is None
+        with grid.applied(0.3) as st:
+            report = st.fast_paths["side_by_side_check"]
+            assert report["grad_rel_diff"] <= report["tolerance"]
+    monkeypatch.setattr(B, "kv_deltas", doubled)
+    snap = snapshot(model)
+    with pytest.warns(FastPathWarning, match="side-by-side FT disagrees"):
+        with finetuned_grid(model, demos, [0.05, 0.3], task=task, tokenizer=tok) as grid:
+            assert grid._run_one is not None  # fell back to one rate at a time
+            with grid.applied(0.3) as st:
+                got = _kv(model)
+                assert st.fast_paths["side_by_side"] is False
+    assert_same(model, snap)
+    with finetuned(model, demos, 0.3, task=task, tokenizer=tok):
+        want = _kv(model)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
