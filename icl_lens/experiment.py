@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
 
 
+_FAST_PATH_FIELDS = ("shared_prefix", "self_checks")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that determines a run's numbers (recorded in every results file)."""
@@ -59,6 +62,10 @@ class ExperimentConfig:
     kendall_examples: int | None = 100  # the reference averages Kendall over the first 100
     lr_sensitivity: bool = True
     dual: bool = False
+    # Fast-path controls: they change how records are computed, not what (the self-checks
+    # hold the fast paths to the plain ones), so they are left out of ``key()``.
+    shared_prefix: bool | None = None  # None: use the prefix KV cache when it passes its check
+    self_checks: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(ALL_BASELINES)
@@ -86,7 +93,8 @@ class ExperimentConfig:
 
     def key(self) -> str:
         """A short hash of the config, to refuse resuming a run made with other settings."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = {k: v for k, v in asdict(self).items() if k not in _FAST_PATH_FIELDS}
+        blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -168,13 +176,19 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
 
 
 def _load_done(path: Path | None, cfg: ExperimentConfig) -> RunResult | None:
-    """A finished run file made with the same config, else None (corrupt files are redone)."""
+    """A finished run file made with the same config and a valid checksum, else None.
+
+    A file that is unreadable, was edited or damaged after it was written (its checksum does
+    not match), or has no checksum (written by an older icl-lens) is recomputed, with a warning
+    that names it and says why.
+    """
     if path is None or not path.exists():
         return None
     try:
-        run = Results.load(path).runs[0]
-    except (ValueError, KeyError, OSError) as e:
-        log.warning("ignoring unreadable %s (%s); recomputing it", path, e)
+        run = Results.load(path, require_checksum=True).runs[0]
+    except (ValueError, KeyError, TypeError, OSError, IndexError) as e:
+        why = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
+        log.warning("not resuming %s; recomputing it", why)
         return None
     if run.provenance.get("config_key") != cfg.key():
         log.warning("%s was made with other settings; recomputing it", path)
@@ -268,11 +282,15 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         raise ValueError(f"no demonstration fits the context of {d.n_ctx} tokens")
     ctx = _Ctx(spec.name, name, seed, cfg)
     zs_prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in evals]
+    fast_paths: dict[str, list[dict]] = {}  # every capture's self-check report, by condition
     icl_prompts = [build_prompt(spec, tok, q, demos, record=cfg.record) for q in evals]
 
     def run(m, prompts, cond):
-        return capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size,
-                       detail_limit=cfg.kendall_examples, progress=progress)  # fmt: skip
+        rec = capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size,
+                      detail_limit=cfg.kendall_examples, shared_prefix=cfg.shared_prefix,
+                      self_check=cfg.self_checks, progress=progress)  # fmt: skip
+        fast_paths.setdefault(cond, []).append(rec.checks)
+        return rec
 
     stages = tqdm(total=6, desc=f"{spec.name} seed {seed}", disable=not progress, leave=False)
     zs, icl = run(model, zs_prompts, "zs"), run(model, icl_prompts, "icl")
@@ -362,6 +380,10 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     for layer, v in enumerate(ctx.diagnostics["visible_demo_tokens_per_layer"]):
         ctx.add("visible_demo_tokens", "icl", v, kind="diagnostic", layer=layer)
     provenance = _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout)
+    provenance["fast_paths"] = {
+        "captures": fast_paths,
+        "ft": {"lr": lr, **ft_state.fast_paths} if ft_state else {},
+    }
     return RunResult(spec.name, seed, ctx.rows, provenance, ctx.diagnostics)
 
 

@@ -9,8 +9,10 @@ set, and provenance in ``model_info(model)``. The offline bundles are cached und
 - ``<name>-hooked[-raw]/``: TL 3 weights after TL's processing, its config and the tokenizer.
 
 Each cache directory is written to a temporary directory, then renamed. Its ``manifest.json``
-records each file's size and a fingerprint. A damaged cache is deleted and rebuilt with a
-``CacheWarning``. A stale one (another TL version or source) is rebuilt quietly.
+records each file's size and full sha256, checked on every load (about 1 s per GB). A damaged
+cache is deleted and rebuilt with a ``CacheWarning``. A stale one (another TL version or source,
+or an older cache format) is rebuilt quietly. A temporary directory records its owner process;
+one left behind by a process that died (``kill -9``) is removed before the next cache is written.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,8 +45,11 @@ log = logging.getLogger(__name__)
 OFFLINE_EXTRA = "pip install 'icl-lens[offline]'"
 INFO_ATTR = "icl_lens_info"
 MANIFEST = "manifest.json"
-HF_CACHE_FORMAT = 1  # bump to invalidate caches written by older code
-HOOKED_CACHE_FORMAT = 2
+HF_CACHE_FORMAT = 2  # bump to invalidate caches written by older code (2: full sha256)
+HOOKED_CACHE_FORMAT = 3
+OWNER = ".icl-lens-owner"  # inside a temporary cache directory: who is writing it
+STALE_SECONDS = 24 * 3600  # a temporary directory of unknown owner untouched this long is stale
+_TOKEN = uuid.uuid4().hex  # this process, told apart from an earlier one that had the same pid
 _PROBE = "Sentence: a great movie!\n Label: Positive 123 Ünïcode\t  end"
 
 
@@ -166,16 +173,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last MiB: catches truncation and overwrites cheaply."""
+def _digest(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its size and the sha256 of its whole content."""
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _altered(path: Path, want: Any) -> str | None:
+    """Why ``path`` does not match its manifest entry ``want``, or None if it does."""
+    if not path.is_file():
+        return "missing"
+    if not isinstance(want, dict) or not {"size", "sha256"} <= want.keys():
+        return "no size and sha256 in the manifest"
     size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            h.update(f.read())
-    return f"{size}:{h.hexdigest()[:16]}"
+    if size != want["size"]:
+        return f"{size} bytes, want {want['size']}"
+    if _sha256(path) != want["sha256"]:
+        return "sha256 differs"
+    return None
 
 
 class _Corrupt(Exception):
@@ -195,22 +209,78 @@ def _check_cache(directory: Path, expect: dict[str, Any]) -> dict[str, Any] | No
         if want is not None and manifest.get(key) != want:
             log.info("cache %s is stale (%s=%r, want %r)", directory, key, manifest.get(key), want)
             return None
-    for name, fp in files.items():
-        path = directory / name
-        if not path.is_file() or _fingerprint(path) != fp:
-            raise _Corrupt(f"{name} is missing or altered")
+    if not isinstance(files, dict) or not files:
+        raise _Corrupt(f"no file list in {MANIFEST}")
+    for name, want in files.items():
+        why = _altered(directory / name, want)
+        if why is not None:
+            raise _Corrupt(f"{name}: {why}")
     return manifest
 
 
+def _owner_record() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": _TOKEN})
+
+
+def _tmp_is_stale(tmp: Path, *, ours: bool) -> bool:
+    """Whether the temporary cache directory ``tmp`` was left behind by a dead process.
+
+    Its owner record says which process writes it: stale if that process is gone (or, for this
+    process's own pid, was an earlier process). Without a readable record on this host, it is
+    stale only if it is one of ``ours`` (named like the cache being written) and untouched for
+    ``STALE_SECONDS``.
+    """
+    try:
+        owner = json.loads((tmp / OWNER).read_text())
+        pid, host, token = int(owner["pid"]), owner["host"], owner["token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None
+    if owner is not None and host == socket.gethostname():
+        if pid == os.getpid():
+            return token != _TOKEN
+        if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # PermissionError: alive, another user's
+            return False
+        return False
+    if not ours:
+        return False
+    try:
+        newest = max(p.stat().st_mtime for p in [tmp, *tmp.iterdir()])
+    except OSError:  # vanished meanwhile
+        return False
+    return time.time() - newest > STALE_SECONDS
+
+
+def _remove_stale_tmp(parent: Path, name: str) -> None:
+    """Delete the temporary cache directories in ``parent`` whose writer died."""
+    for tmp in parent.glob(".*.tmp-*"):
+        if tmp.is_dir() and _tmp_is_stale(tmp, ours=tmp.name.startswith(f".{name}.tmp-")):
+            log.info("removing %s, left behind by an interrupted conversion", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _write_cache(final: Path, write: Callable[[Path], dict[str, Any]], meta: dict) -> None:
-    """Run ``write(tmp)`` in a temporary sibling directory, add a manifest, rename to ``final``."""
+    """Run ``write(tmp)`` in a temporary sibling directory, add a manifest, rename to ``final``.
+
+    The temporary directory is removed on any error; if this process is killed instead, the
+    next ``_write_cache`` in the same parent removes it (its owner record names a dead pid).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        (tmp / OWNER).write_text(_owner_record())
         extra = write(tmp) or {}
-        files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        paths = [p for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER]
+        files = {p.name: _digest(p) for p in paths}
         manifest = {**meta, **extra, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        (tmp / OWNER).unlink(missing_ok=True)
         shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)
@@ -235,7 +305,7 @@ def _cached(
         if manifest is not None:
             try:
                 return load(directory, manifest), True
-            except Exception as e:  # damaged in a way the fingerprints missed
+            except Exception as e:  # damaged in a way the hashes cannot see (e.g. at build)
                 raise _Corrupt(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
     except _Corrupt as e:
         warnings.warn(f"cache {directory} is damaged ({e}); rebuilding it", CacheWarning, 3)

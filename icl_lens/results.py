@@ -1,7 +1,14 @@
-"""``Results``: tidy rows of every metric, with provenance; JSON in, JSON out, atomic writes."""
+"""``Results``: tidy rows of every metric, with provenance; JSON in, JSON out, atomic writes.
+
+Each results file carries ``"checksum": "sha256:..."`` over the canonical JSON of the rest of
+its content (``content_checksum``), so a file edited or damaged after it was written is noticed:
+``Results.load`` raises on a mismatch, and resuming refuses files without a valid checksum.
+Files without one (written before checksums) still load for reading.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +36,7 @@ COLUMNS = [
     "lr",
 ]
 FORMAT = "icl-lens-results/1"
+CHECKSUM = "checksum"
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -54,6 +62,40 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"cannot store {type(x).__name__} in a results file")
 
 
+def content_checksum(obj: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of the canonical JSON (sorted keys, compact) of ``obj`` less its checksum.
+
+    It is taken over the content as a reader gets it back (after one JSON round trip: tuples are
+    lists, keys are strings), so writing and reading a file give the same checksum.
+    """
+    rest = {k: v for k, v in obj.items() if k != CHECKSUM}
+    plain = json.loads(json.dumps(rest, allow_nan=False, default=_jsonable))
+    blob = json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _with_checksum(obj: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, CHECKSUM: content_checksum(obj)}
+
+
+def verify_checksum(obj: dict[str, Any], path: str | Path, *, required: bool = False) -> bool:
+    """Whether ``obj`` (read from ``path``) carries a checksum; raises ValueError if it does not
+    match the content, or if it is missing and ``required``."""
+    if CHECKSUM not in obj:
+        if required:
+            raise ValueError(
+                f"{path} has no checksum (written by an older icl-lens, or rewritten by hand), "
+                "so it cannot be trusted for resuming"
+            )
+        return False
+    if obj[CHECKSUM] != content_checksum(obj):
+        raise ValueError(
+            f"{path} was edited or corrupted after it was written (its checksum does not match "
+            "its content); delete it to recompute that run"
+        )
+    return True
+
+
 def _clean_value(v: Any) -> Any:
     """Floats for JSON: NaN/inf become None (JSON has neither)."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -72,8 +114,9 @@ class RunResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The content of a run file, with its ``checksum``."""
         rows = [{k: _clean_value(r.get(k)) for k in COLUMNS} for r in self.rows]
-        return {
+        obj = {
             "format": FORMAT,
             "task": self.task,
             "seed": self.seed,
@@ -81,6 +124,7 @@ class RunResult:
             "provenance": self.provenance,
             "diagnostics": self.diagnostics,
         }
+        return _with_checksum(obj)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> RunResult:
@@ -122,7 +166,9 @@ class Results:
         return summary_table(self.to_frame())
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "runs": [r.to_json() for r in self.runs]}
+        """All runs in one object, with one ``checksum`` over all of them."""
+        runs = [{k: v for k, v in r.to_json().items() if k != CHECKSUM} for r in self.runs]
+        return _with_checksum({"format": FORMAT, "runs": runs})
 
     def save(self, path: str | Path) -> Path:
         """Save all runs to one JSON file (atomically)."""
@@ -130,15 +176,19 @@ class Results:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> Results:
-        """Load a file written by ``save``, a single run file, or a directory of run files."""
+    def load(cls, path: str | Path, *, require_checksum: bool = False) -> Results:
+        """Load a file written by ``save``, a single run file, or a directory of run files.
+
+        A file whose checksum does not match its content raises ValueError; one without a
+        checksum (older) loads, unless ``require_checksum``.
+        """
         path = Path(path)
         if path.is_dir():
             files = sorted(path.rglob("seed*.json"))
             if not files:
                 raise FileNotFoundError(f"no run files (seed*.json) under {path}")
-            return cls(RunResult.from_json(_read(f)) for f in files)
-        obj = _read(path)
+            return cls(RunResult.from_json(_read(f, require_checksum)) for f in files)
+        obj = _read(path, require_checksum)
         if "runs" in obj:
             if obj.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an icl-lens results file")
@@ -146,12 +196,16 @@ class Results:
         return cls([RunResult.from_json(obj)])
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, require_checksum: bool = False) -> dict[str, Any]:
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is corrupt ({e}); delete it to recompute that run") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not an icl-lens results file (not a JSON object)")
+    verify_checksum(obj, path, required=require_checksum)
+    return obj
 
 
 # (metric, variant, column) of the paper-style summary; values are means over seeds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from icl_lens import experiment as E
 from icl_lens import metrics as M
 from icl_lens.capture import capture
 from icl_lens.data import TaskData
-from icl_lens.results import Results
+from icl_lens.results import Results, RunResult, atomic_write_json
 from icl_lens.tasks import build_prompt, label_token_ids
 from icl_lens.toy import ToyTokenizer, load_toy, toy_episode, toy_task
 
@@ -103,7 +104,7 @@ def test_trained_toy_learns_in_context(toy_results):
     assert acc["ICL acc"] > acc["ZSL acc"] + 20
 
 
-def test_summary_and_provenance(toy_results):
+def test_summary_and_provenance(toy_setup, toy_results):
     table = toy_results.summary()
     assert list(table.index) == ["toy_icl"]
     for col in ("ZSL acc", "FT acc", "ICL acc", "SimAOU", "SimAOU null", "SimAM before",
@@ -118,6 +119,17 @@ def test_summary_and_provenance(toy_results):
     assert set(prov["lr_selection"]["heldout_ids"]).isdisjoint(prov["demo_ids"])
     diag = toy_results.runs[0].diagnostics
     assert set(diag["label_distribution"]) >= {"zs", "icl", "ft"}
+    # which fast paths ran, and what their run-time checks measured
+    fast = prov["fast_paths"]
+    assert set(fast["captures"]) >= {"zs", "icl", "ft"} and prov["transformers"]
+    for reports in fast["captures"].values():
+        for report in reports:
+            assert report["label_logits"]["max_rel_diff"] <= report["tolerance"]
+            assert report["scores"]["checked"] and report["windows"]["ok"]
+    icl_cache = fast["captures"]["icl"][0]["prefix_cache"]
+    assert icl_cache["used"] == B.supports_prefix_cache(toy_setup[0])
+    assert fast["ft"]["side_by_side"] is True
+    assert fast["ft"]["side_by_side_check"]["grad_rel_diff"] <= 1e-3
 
 
 def test_save_load_roundtrip_and_determinism(toy_setup, toy_results, tmp_path):
@@ -153,6 +165,42 @@ def test_resumes_per_seed_and_redoes_bad_files(toy_setup, tmp_path, monkeypatch)
     assert redone.to_frame().equals(first.to_frame())
     assert json.loads(path.read_text())["seed"] == 0
     assert len(timings.read_text().splitlines()) == len(first.runs) + 1
+
+
+def _finished(path, cfg):
+    rows = [{"task": "t", "model": "m", "seed": 0, "metric": "accuracy", "variant": "ft",
+             "kind": "result", "layer": "mean", "value": 0.75}]  # fmt: skip
+    run = RunResult("t", 0, rows, {"config_key": cfg.key()}, {})
+    atomic_write_json(path, run.to_json())
+
+
+def _drop_checksum(path):
+    obj = json.loads(path.read_text())
+    del obj["checksum"]
+    path.write_text(json.dumps(obj))
+
+
+def _edit_accuracy(path):
+    path.write_text(path.read_text().replace('"value": 0.75', '"value": 0.87'))
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [(_edit_accuracy, "edited or corrupted"), (_drop_checksum, "has no checksum")],
+)
+def test_resume_refuses_files_without_a_valid_checksum(tmp_path, caplog, damage, why):
+    cfg = E.ExperimentConfig()
+    path = tmp_path / "t" / "seed0.json"
+    _finished(path, cfg)
+    assert E._load_done(path, cfg).rows[0]["value"] == 0.75  # intact: resumed
+    damage(path)
+    if damage is _drop_checksum:
+        Results.load(path)  # still readable for tables and figures
+    with caplog.at_level(logging.WARNING, logger=E.log.name):
+        assert E._load_done(path, cfg) is None
+    (record,) = [r for r in caplog.records if r.name == E.log.name]
+    assert str(path) in record.getMessage() and why in record.getMessage()
+    assert "recomputing" in record.getMessage()
 
 
 def test_bad_configs(toy_setup):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, **specials)
 
 
-def tiny_hf(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_hf(arch: str, seed: int = 0, vocab_size: int = 64) -> torch.nn.Module:
     """A randomly initialised 2-layer HF causal LM (fp32, eager attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +54,7 @@ def tiny_hf(arch: str, seed: int = 0) -> torch.nn.Module:
                 intermediate_size=64,
                 num_attention_heads=4,
                 num_key_value_heads=2,
-                vocab_size=64,
+                vocab_size=vocab_size,
                 max_position_embeddings=64,
                 **ids,
             )
@@ -228,13 +232,17 @@ def test_hf_sliding_windows_are_read_per_layer():
 
 
 @pytest.fixture
-def fake_bundle(monkeypatch):
-    """An offline bundle whose expensive GGUF step is replaced by a tiny random Llama."""
+def fake_bundle(monkeypatch, request):
+    """An offline bundle whose expensive GGUF step is replaced by a tiny random Llama.
+
+    Indirect parametrisation sets its vocabulary size (16384 makes 4 MiB weight files).
+    """
     builds = []
 
     def build():
         builds.append(1)
-        return tiny_hf("llama"), tiny_tokenizer(), {"source": "test", "gguf_sha256": "0" * 64}
+        hf = tiny_hf("llama", vocab_size=getattr(request, "param", 64))
+        return hf, tiny_tokenizer(), {"source": "test", "gguf_sha256": "0" * 64}
 
     bundle = M.Bundle("tiny-test", build, source_id=lambda: "v1")
     monkeypatch.setitem(M.BUNDLES, "tiny-test", bundle)
@@ -273,11 +281,11 @@ def _corrupt_manifest(directory: Path) -> None:
 
 
 def _corrupt_behind_manifest(directory: Path) -> None:
-    """Damage that the fingerprints cannot see: the loader itself must fail and be caught."""
+    """Damage that the hashes cannot see: the loader itself must fail and be caught."""
     cfg = next(p for p in directory.glob("*.json") if p.name != M.MANIFEST)
     cfg.write_text("[]")
     manifest = json.loads((directory / M.MANIFEST).read_text())
-    manifest["files"][cfg.name] = M._fingerprint(cfg)
+    manifest["files"][cfg.name] = M._digest(cfg)
     (directory / M.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -306,6 +314,118 @@ def test_stale_cache_is_rebuilt_quietly(tmp_path, fake_bundle, monkeypatch, recw
     model = load_model("tiny-test", cache_dir=tmp_path, progress=False)
     assert model_info(model)["from_cache"] is False and len(fake_bundle) == 2
     assert not [w for w in recwarn if issubclass(w.category, CacheWarning)]
+
+
+def _largest(directory: Path) -> Path:
+    return max(directory.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("fake_bundle", [16384], indirect=True)
+def test_damage_in_the_middle_is_caught_by_the_full_hash(tmp_path, fake_bundle):
+    """1 MiB of zeros in the middle of a 4 MiB weight file: same size, same first and last MiB,
+    loads without error, but the manifest's full sha256 sees it."""
+    reference = _logits(load_model("tiny-test", cache_dir=tmp_path, progress=False))
+    directory = Path(model_info(load_model("tiny-test", cache_dir=tmp_path))["cache_dir"])
+    weights = _largest(directory)
+    manifest = json.loads((directory / M.MANIFEST).read_text())
+    want = {
+        "size": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    assert manifest["files"][weights.name] == want
+    size = weights.stat().st_size
+    assert size > 3 << 20, size
+    with open(weights, "r+b") as f:
+        f.seek(size // 2 - (1 << 19))
+        f.write(bytes(1 << 20))
+    assert weights.stat().st_size == size
+    with pytest.warns(
+        CacheWarning, match=rf"damaged \({weights.name}: sha256 differs\); rebuilding"
+    ):
+        model = load_model("tiny-test", cache_dir=tmp_path, progress=False)
+    assert model_info(model)["from_cache"] is False
+    torch.testing.assert_close(_logits(model), reference, atol=1e-6, rtol=0)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == want["sha256"]
+
+
+def _fake_tmp(parent: Path, name: str, owner: dict | None, age: float = 0.0) -> Path:
+    tmp = parent / f".{name}.tmp-{len(list(parent.iterdir()))}"
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"half written")
+    if owner is not None:
+        (tmp / M.OWNER).write_text(json.dumps(owner))
+    for p in [*tmp.iterdir(), tmp]:
+        os.utime(p, (time.time() - age, time.time() - age))
+    return tmp
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_dirs_are_removed_and_live_ones_kept(tmp_path, fake_bundle):
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        day = 2 * M.STALE_SECONDS
+        me = {"pid": os.getpid(), "host": host, "token": M._TOKEN}
+        stale = [
+            _fake_tmp(tmp_path, "tiny-test-hf", {"pid": _dead_pid(), "host": host, "token": "x"}),
+            _fake_tmp(tmp_path, "other-hf", {"pid": _dead_pid(), "host": host, "token": "x"}),
+            _fake_tmp(tmp_path, "tiny-test-hf", {**me, "token": "an earlier process"}),
+            _fake_tmp(tmp_path, "tiny-test-hf", None, age=day),  # from older code
+        ]
+        kept = [
+            _fake_tmp(tmp_path, "tiny-test-hf", {"pid": live.pid, "host": host, "token": "x"}),
+            _fake_tmp(tmp_path, "tiny-test-hf", me),
+            _fake_tmp(tmp_path, "tiny-test-hf", None),  # just created, owner not yet written
+            _fake_tmp(tmp_path, "tiny-test-hf", {"pid": 1, "host": "elsewhere", "token": "x"}),
+            _fake_tmp(tmp_path, "not-ours", None, age=day),
+        ]
+        load_model("tiny-test", cache_dir=tmp_path, progress=False)  # writes a cache
+    finally:
+        live.kill()
+        live.wait()
+    assert [p.exists() for p in stale] == [False] * len(stale)
+    assert [p.exists() for p in kept] == [True] * len(kept)
+    caches = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert caches and not [p for p in caches if (p / M.OWNER).exists()]
+
+
+def test_a_killed_conversion_is_cleaned_up_by_the_next_one(tmp_path):
+    """kill -9 during the write leaves the temporary directory; the next write removes it."""
+    script = (
+        "import sys, time; from pathlib import Path; from icl_lens import models as M\n"
+        "def write(tmp):\n"
+        "    (tmp / 'model.safetensors').write_bytes(bytes(1000))\n"
+        "    print('writing', flush=True); time.sleep(120)\n"
+        "M._write_cache(Path(sys.argv[1]) / 'x-hf', write, {})\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()  # SIGKILL: no finally clause runs in the child
+        proc.wait()
+    (left,) = tmp_path.glob(".x-hf.tmp-*")
+    assert json.loads((left / M.OWNER).read_text())["pid"] == proc.pid
+    M._write_cache(tmp_path / "x-hf", lambda tmp: (tmp / "a").write_text("a") and None, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-hf"]
+    assert sorted(p.name for p in (tmp_path / "x-hf").iterdir()) == ["a", M.MANIFEST]
+
+
+def test_an_error_while_writing_leaves_no_temp_dir(tmp_path):
+    def write(tmp):
+        (tmp / "model.safetensors").write_bytes(bytes(1000))
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        M._write_cache(tmp_path / "x-hf", write, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- the real model

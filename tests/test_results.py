@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from icl_lens.results import (
     PER_SEED_FORMATS,
     Results,
     RunResult,
+    atomic_write_json,
+    content_checksum,
     per_seed_table,
     readme_tables,
     to_markdown,
@@ -102,3 +105,66 @@ def test_make_tables_script_writes_the_marked_readme_block(tmp_path):
     proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "add the two markers" in proc.stderr
     assert readme.read_text() == "no markers here\n"  # nothing lost
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def _write_run(path: Path, run: RunResult) -> Path:
+    atomic_write_json(path, run.to_json())
+    return path
+
+
+def _tamper(path: Path, old: str = '"value": 0.75', new: str = '"value": 0.87') -> None:
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+
+
+def test_run_files_carry_a_checksum_that_round_trips(tmp_path):
+    run = _run("sst2", 0, {"zs": 0.5, "icl": 0.6, "ft": 0.75}, 0.1)
+    run.diagnostics = {"by_k": {10: 1.0, 2: 0.5}, "shape": (3, 4)}  # int keys, tuples
+    path = _write_run(tmp_path / "sst2" / "seed0.json", run)
+    obj = json.loads(path.read_text())
+    assert obj["checksum"].startswith("sha256:") and len(obj["checksum"]) == 7 + 64
+    assert obj["checksum"] == content_checksum(obj)
+    loaded = Results.load(path, require_checksum=True)
+    assert loaded.to_frame().equals(Results([run]).to_frame())
+    assert Results.load(tmp_path, require_checksum=True).to_frame().equals(loaded.to_frame())
+    twice = _write_run(tmp_path / "twice.json", run)  # the same run gives the same bytes
+    assert twice.read_bytes() == path.read_bytes()
+    again = _write_run(tmp_path / "again.json", loaded.runs[0])  # keys now "10", "2": same sum
+    assert json.loads(again.read_text())["checksum"] == obj["checksum"]
+    saved = Results([run, _run("mr", 1, {"zs": 0.5}, 0.2)]).save(tmp_path / "all.json")
+    assert json.loads(saved.read_text())["checksum"] == content_checksum(
+        json.loads(saved.read_text())
+    )
+    assert len(Results.load(saved, require_checksum=True)) == 2
+
+
+@pytest.mark.parametrize("layout", ["run file", "directory", "saved results"])
+def test_a_tampered_results_file_raises_on_load(tmp_path, layout):
+    run = _run("sst2", 0, {"zs": 0.5, "icl": 0.6, "ft": 0.75}, 0.1)
+    if layout == "saved results":
+        path = Results([run]).save(tmp_path / "all.json")
+    else:
+        path = _write_run(tmp_path / "sst2" / "seed0.json", run)
+    Results.load(path)  # fine before
+    _tamper(path)  # 75% -> 87% FT accuracy, checksum left alone
+    with pytest.raises(ValueError, match="edited or corrupted") as err:
+        Results.load(tmp_path if layout == "directory" else path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_files_without_a_checksum_load_for_reading_only(tmp_path):
+    obj = _run("sst2", 0, {"zs": 0.5, "icl": 0.6, "ft": 0.75}, 0.1).to_json()
+    del obj["checksum"]
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps(obj))
+    assert Results.load(path).runs[0].rows[2]["value"] == 0.75
+    with pytest.raises(ValueError, match="has no checksum") as err:
+        Results.load(path, require_checksum=True)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    committed = ROOT / "results" / "gemma-3-270m"
+    if committed.is_dir():  # written before checksums: still readable for tables and figures
+        assert len(Results.load(committed)) > 0
