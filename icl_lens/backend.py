@@ -107,7 +107,10 @@ def dims(model: nn.Module) -> ModelDims:
 
 
 def _hf_windows(hf_config: object, n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding windows from an HF config (``layer_types`` + ``sliding_window``)."""
+    """Per-layer sliding windows from an HF config: ``sliding_window`` on the layers that
+    ``layer_types`` marks "sliding_attention", or on every layer when the config has no
+    ``layer_types`` (Mistral, Phi-3: one window for all layers unless ``use_sliding_window``
+    is false)."""
 
     def get(key: str) -> object:
         try:  # transformers >= 5.15 per-layer configs may raise on some global reads
@@ -117,9 +120,13 @@ def _hf_windows(hf_config: object, n_layers: int) -> tuple[int | None, ...]:
 
     layer_types = get("layer_types")
     window = get("sliding_window")
-    if not layer_types or not window:
+    if not window:
         return (None,) * n_layers
-    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if layer_types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if get("use_sliding_window") is False:
+        return (None,) * n_layers
+    return (int(window),) * n_layers
 
 
 # --------------------------------------------------------------------------- toy models
@@ -176,6 +183,15 @@ def toy_model(
 # --------------------------------------------------------------------------- parameters
 
 _TL3_KV_NAMES = {"W_K", "W_V", "b_K", "b_V", "_W_K", "_W_V", "_b_K", "_b_V"}
+KV_BIAS_ATTR = "icl_lens_kv_bias"  # set on TL 3 models built from HF: has the HF K/V a bias?
+# HF architectures whose attention has no K/V bias by default; TL 3 gives them zero b_K/b_V.
+_TL3_ZERO_KV_BIAS_ARCHS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoForCausalLM",
+    "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "GPTJForCausalLM",
+    "GPTNeoForCausalLM", "ApertusForCausalLM", "StableLmForCausalLM",
+})  # fmt: skip
 
 
 def named_kv_parameters(
@@ -184,9 +200,14 @@ def named_kv_parameters(
     """Leaf parameters of every layer's K and V projections, with stable names.
 
     TL 4's stacked ``model.W_K`` is a copy; the leaves live in ``blocks[l].attn.k/v``.
+    Only biases the checkpoint has are included: TL 3 adds zero ``b_K``/``b_V`` to bias-free
+    architectures (Llama, Mistral, Gemma, Phi-3, ...), which are left out, so both backends
+    train the same tensors.
     """
     check_model(model)
     layers = range(dims(model).n_layers) if layers is None else layers
+    if include_bias and not is_bridge(model):
+        include_bias = _tl3_kv_bias(model)
     out: list[tuple[str, nn.Parameter]] = []
     for layer in layers:
         attn = model.blocks[layer].attn
@@ -195,8 +216,8 @@ def named_kv_parameters(
                 sub = getattr(attn, proj, None)
                 if sub is None:
                     raise NotImplementedError(
-                        f"blocks.{layer}.attn has no separate '{proj}' projection on this "
-                        "architecture; K/V finetuning needs split K and V weights"
+                        f"{architecture(model)}: blocks.{layer}.attn has no separate '{proj}' "
+                        "projection; K/V finetuning needs split K and V weights"
                     )
                 for name, p in sub.named_parameters():
                     if name.endswith("bias") and not include_bias:
@@ -208,11 +229,45 @@ def named_kv_parameters(
                     out.append((f"blocks.{layer}.attn.{name}", p))
     ids = [id(p) for _, p in out]
     if len(set(ids)) != len(ids):
-        raise NotImplementedError("K and V share a parameter tensor (fused QKV); not supported")
+        raise NotImplementedError(
+            f"{architecture(model)}: K and V share a parameter tensor (fused QKV); not supported"
+        )
     for name, p in out:
         if not p.is_leaf:
-            raise RuntimeError(f"{name} is not a leaf tensor; cannot be trained in place")
+            raise RuntimeError(
+                f"{architecture(model)}: {name} is not a leaf tensor; cannot be trained in place"
+            )
     return out
+
+
+def _tl3_kv_bias(model: nn.Module) -> bool:
+    """Whether a TL 3 model's ``b_K``/``b_V`` are the checkpoint's own (else TL's zeros).
+
+    Models built by icl-lens carry the answer (``KV_BIAS_ATTR``). Otherwise, for an
+    architecture that has no K/V bias by default, all-zero ``b_K`` in every layer means TL
+    added them; TL 3's own toys and other architectures keep their biases.
+    """
+    marked = getattr(model, KV_BIAS_ATTR, None)
+    if marked is not None:
+        return bool(marked)
+    if getattr(model.cfg, "original_architecture", None) not in _TL3_ZERO_KV_BIAS_ARCHS:
+        return True
+    for block in model.blocks:
+        for name in ("b_K", "_b_K", "b_V", "_b_V"):
+            b = block.attn._parameters.get(name)
+            if b is not None and bool(b.detach().abs().max() > 0):
+                return True
+    return False
+
+
+def _hf_has_kv_bias(hf_model: nn.Module) -> bool:
+    """Whether an HF model's attention K/V projections (split or fused) have biases."""
+    kv = {"k_proj", "v_proj", "key", "value", "c_attn", "query_key_value", "qkv_proj", "Wqkv"}
+    for name, _ in hf_model.named_parameters():
+        parts = name.split(".")
+        if parts[-1] == "bias" and kv.intersection(parts[:-1]):
+            return True
+    return False
 
 
 def kv_parameters(
@@ -440,9 +495,19 @@ def unembed_rows(model: nn.Module, token_ids: Sequence[int]) -> tuple[Tensor, Te
 
 
 def logit_soft_cap(model: nn.Module) -> float | None:
-    """The soft cap on output logits (``cap · tanh(logits / cap)``, Gemma 2), or None."""
+    """The soft cap on output logits (``cap · tanh(logits / cap)``, Gemma 2), or None.
+
+    Read from TL's ``cfg.output_logits_soft_cap``; on a bridge whose config lacks it, from the
+    HF config's ``final_logit_softcapping`` (what the wrapped HF model applies).
+    """
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    return float(cap) if cap is not None and cap > 0 else None
+    if (cap is None or not cap > 0) and is_bridge(model):
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+        cap = getattr(hf_config, "final_logit_softcapping", None)
+        text = getattr(hf_config, "get_text_config", None)
+        if cap is None and callable(text):
+            cap = getattr(text(), "final_logit_softcapping", None)
+    return float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -553,7 +618,16 @@ def attn_scores_hooks(
     with the post-softmax pattern for its native toys, so there the scores are rebuilt from
     ``hook_q``/``hook_k`` with the module's own rotary, scale and soft-cap (exactly what it
     computes before its softmax).
+
+    TL 4.3's generic ``AttentionBridge`` (OPT, GPT-J, ...) also fires it with the HF module's
+    returned probabilities. For the attention classes in ``_SCORES_FROM_PATTERN`` the scores
+    are rebuilt from the pattern P and the key at the query's own position, whose score
+    q_t·k_t/scale needs neither the cache nor the position: s_j = log P_j − log P_t + s_t
+    (masked keys: P = 0, so -inf). Other such classes pass the probabilities through, and
+    capture's run-time check refuses them.
     """
+    if _scores_from_pattern(model, layer):
+        return _scores_from_pattern_hooks(model, layer, fn)
     native = _native_attention(model, layer)
     if native is None:
         return [(hook_name("attn_scores", layer), lambda t, hook: fn(t))]
@@ -579,6 +653,64 @@ def attn_scores_hooks(
         fn(scores)
 
     return [(hook_name("q", layer), keep_q), (hook_name("k", layer), on_k)]
+
+
+# HF attention classes whose score is (q_proj(x)·k_proj(x)) / scale with no rotary, soft cap,
+# qk-norm or position bias: the self-key score of a row is then known from hook_q/hook_k.
+_SCORES_FROM_PATTERN = frozenset({"OPTAttention"})
+
+
+def _scores_from_pattern(model: nn.Module, layer: int) -> bool:
+    """A TL 4 generic ``AttentionBridge`` whose scores ``attn_scores_hooks`` rebuilds."""
+    if not is_bridge(model):
+        return False
+    attn = model.blocks[layer].attn
+    inner = getattr(attn, "original_component", None)
+    return (
+        type(attn).__name__ == "AttentionBridge"
+        and not getattr(attn, "requires_relative_position_bias", False)
+        and type(inner).__name__ in _SCORES_FROM_PATTERN
+    )
+
+
+def _scores_from_pattern_hooks(
+    model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+) -> list[tuple[str, Callable]]:
+    store: dict[str, Tensor] = {}
+    scale = attn_scale(model, layer)
+
+    def keep(kind: str) -> Callable:
+        def hook(t: Tensor, hook: object) -> None:
+            store[kind] = t
+
+        return hook
+
+    def on_pattern(p: Tensor, hook: object) -> None:
+        q, k = store.pop("q"), store.pop("k")  # [batch, new pos, head, d_head]
+        if q.dim() != 4 or k.dim() != 4 or q.shape[1] != p.shape[-2]:
+            raise NotImplementedError(
+                f"{architecture(model)}: cannot rebuild blocks.{layer} pre-softmax scores "
+                f"(q {tuple(q.shape)}, k {tuple(k.shape)}, pattern {tuple(p.shape)})"
+            )
+        if k.shape[2] != q.shape[2]:
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        own = ((q.double() * k.double()).sum(-1) / scale).transpose(1, 2)  # [batch, head, new]
+        n_new, n_keys = p.shape[-2], p.shape[-1]
+        rows = torch.arange(n_new, device=p.device)
+        log_p = p.double().log()
+        log_own = log_p[..., rows, rows + (n_keys - n_new)]
+        if not bool(torch.isfinite(log_own).all()):
+            raise NotImplementedError(
+                f"{architecture(model)}: blocks.{layer} gives a query's own key zero attention; "
+                "its pre-softmax scores cannot be rebuilt from the pattern"
+            )
+        fn((log_p - log_own[..., None] + own[..., None]).to(p.dtype))
+
+    return [
+        (hook_name("q", layer), keep("q")),
+        (hook_name("k", layer), keep("k")),
+        (hook_name("pattern", layer), on_pattern),
+    ]
 
 
 # --------------------------------------------------------------------------- prefix KV cache
@@ -952,6 +1084,12 @@ def build_from_hf(
         )
         if fold:
             model.enable_compatibility_mode(disable_warnings=True)
+        if tokenizer is not None and _encodes_differently(model.tokenizer, tokenizer):
+            # TL re-loads the tokenizer by name (add_bos_token=True); AutoTokenizer may pick
+            # the architecture's own class, which splits text differently: keep ours (past
+            # the bridge's setter, which would re-load it the same way)
+            object.__setattr__(model, "_tokenizer", tokenizer)
+            model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
         model.eval()
         return model
     return _tl3_build(hf_model, tokenizer, tl_name, device=device, dtype=dtype, fold=fold)
@@ -966,37 +1104,103 @@ def _tl3_build(
     dtype: torch.dtype,
     fold: bool,
 ) -> nn.Module:
+    import contextlib
     import tempfile
     from pathlib import Path
+    from unittest import mock
 
     from transformer_lens import loading_from_pretrained as loading
 
     hf_cfg = hf_model.config.to_dict()
-    with tempfile.TemporaryDirectory() as tmp:
-        name = tl_name
-        if Path(tl_name).is_dir():
-            # TL 3 picks some architectures by substrings of the name ("llama", "gemma"):
-            # hand it a neutrally named link to the directory instead.
-            name = str(Path(tmp) / "checkpoint")
-            Path(name).symlink_to(Path(tl_name).resolve(), target_is_directory=True)
-        if Path(tl_name).is_dir() and hf_cfg.get("model_type") == "gemma3_text":
-            cfg = _tl3_gemma3_config(hf_model.config, Path(tl_name).name, fold, device, dtype)
-        else:
-            cfg = loading.get_pretrained_model_config(
-                name, hf_cfg=hf_cfg, fold_ln=fold, device=str(device), dtype=dtype
-            )
-        state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
+    arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    local = Path(tl_name).is_dir()
+    try:
+        shim = (
+            mock.patch.object(loading, "AutoConfig", _Tl3ConfigShim(hf_model.config))
+            if local
+            else contextlib.nullcontext()
+        )
+        with tempfile.TemporaryDirectory() as tmp, shim:
+            name = tl_name
+            if local:
+                # TL 3 picks some architectures by substrings of the name ("llama", "gemma"):
+                # hand it a neutrally named link to the directory instead.
+                name = str(Path(tmp) / "checkpoint")
+                Path(name).symlink_to(Path(tl_name).resolve(), target_is_directory=True)
+            if local and hf_cfg.get("model_type") in _TL3_GEMMA_TEMPLATES:
+                cfg = _tl3_gemma3_config(hf_model.config, Path(tl_name).name, fold, device, dtype)
+            else:
+                cfg = loading.get_pretrained_model_config(
+                    name, hf_cfg=hf_cfg, fold_ln=fold, device=str(device), dtype=dtype
+                )
+            state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=dtype)
+    except (NotImplementedError, ValueError, KeyError, AttributeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise NotImplementedError(
+            f"{arch}: transformer-lens {TL_VERSION} (HookedTransformer) cannot convert this "
+            f"checkpoint ({type(e).__name__}: {first}); transformer-lens >= 4 may load it"
+        ) from e
     cfg.tokenizer_name = tl_name
-    if Path(tl_name).is_dir():
+    if local:
         cfg.model_name = Path(tl_name).name
+    w_in = state_dict.get("blocks.0.mlp.W_in")
+    if w_in is not None and cfg.d_mlp != w_in.shape[-1]:  # TL 3 takes GPT-2's as 4 · d_model
+        cfg.d_mlp = int(w_in.shape[-1])
     _check_tl3_cfg(cfg, hf_model.config)
     with torch.random.fork_rng(devices=[]):
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **_tl3_fold_flags(cfg, fold))
+    try:
+        model.load_and_process_state_dict(state_dict, **_tl3_fold_flags(cfg, fold))
+    except RuntimeError as e:  # shapes TL 3's config got wrong
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:200]
+        raise NotImplementedError(
+            f"{arch}: transformer-lens {TL_VERSION} (HookedTransformer) converted this "
+            f"checkpoint with the wrong shapes ({first})"
+        ) from e
     _align_rotary_with_hf(model)
+    if tokenizer is not None and _encodes_differently(model.tokenizer, tokenizer):
+        # TL 3 re-loads the tokenizer by name with add_bos_token=True; AutoTokenizer may then
+        # pick the architecture's own tokenizer class (e.g. Qwen2Tokenizer over a saved
+        # PreTrainedTokenizerFast), which splits text differently: keep the one we were given.
+        model.tokenizer = tokenizer
+        model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    # which K/V biases are the checkpoint's own (TL 3 adds zero ones): see named_kv_parameters
+    setattr(model, KV_BIAS_ATTR, _hf_has_kv_bias(hf_model))
     model.move_model_modules_to_device()
     model.eval()
     return model
+
+
+class _Tl3ConfigShim:
+    """Stands in for ``AutoConfig`` inside TL 3's loader: the HF model's own config, plus the
+    attributes transformers 5 moved that TL 3 still reads (GPT-2's ``n_ctx``, the entries of
+    ``rope_parameters`` such as Phi's ``partial_rotary_factor``)."""
+
+    def __init__(self, hf_config: object):
+        self.hf_config = hf_config
+
+    def from_pretrained(self, *args: object, **kwargs: object) -> object:
+        cfg = copy.deepcopy(self.hf_config)
+        rope = getattr(cfg, "rope_parameters", None)
+        if isinstance(rope, dict):
+            for key, value in rope.items():
+                if key != "rope_type" and not isinstance(value, dict) and not hasattr(cfg, key):
+                    setattr(cfg, key, value)
+        if not hasattr(cfg, "n_ctx") and getattr(cfg, "n_positions", None):
+            cfg.n_ctx = cfg.n_positions
+        return cfg
+
+
+_PROBE_TEXT = "Sentence: a great movie!\n Label: Positive 123 w7 : A"
+
+
+def _encodes_differently(a: object, b: object) -> bool:
+    try:
+        return list(a.encode(_PROBE_TEXT, add_special_tokens=False)) != list(
+            b.encode(_PROBE_TEXT, add_special_tokens=False)
+        )
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode the probe differs
+        return True
 
 
 def _align_rotary_with_hf(model: nn.Module) -> None:
@@ -1029,17 +1233,26 @@ def _align_rotary_with_hf(model: nn.Module) -> None:
             attn.rotary_sin.copy_(angles.sin().to(cos.dtype))
 
 
+_TL3_GEMMA_TEMPLATES = {"gemma2": "google/gemma-2-2b", "gemma3_text": "google/gemma-3-270m"}
+
+
 def _tl3_gemma3_config(
     hf: object, name: str, fold: bool, device: str | torch.device, dtype: torch.dtype
 ) -> object:
-    """TL 3 config of any Gemma-3 text checkpoint (TL 3 only knows them by official name)."""
+    """TL 3 config of any Gemma-2 or Gemma-3 text checkpoint (TL 3 only knows them by official
+    name: its config for one of them, offline, is the template)."""
     from transformer_lens import loading_from_pretrained as loading
 
-    cfg = loading.convert_hf_model_config("google/gemma-3-270m")  # TL's template, offline
+    cfg = loading.convert_hf_model_config(_TL3_GEMMA_TEMPLATES[hf.model_type])
     rope = getattr(hf, "rope_parameters", None) or {}
-    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:  # Gemma-3: per layer type
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    else:  # Gemma-2: one rotary for all layers
+        full = local = rope
     if any(r.get("rope_type", "default") != "default" for r in (full, local)):
-        raise NotImplementedError("scaled-RoPE Gemma-3 checkpoints need TL 4 on icl-lens")
+        raise NotImplementedError(
+            f"{type(hf).__name__}: scaled-RoPE Gemma checkpoints need TL 4 on icl-lens"
+        )
     types = list(hf.layer_types)
     cfg.update(
         model_name=name,
@@ -1054,7 +1267,6 @@ def _tl3_gemma3_config(
         d_vocab=hf.vocab_size,
         act_fn=hf.hidden_activation,
         rotary_base=full.get("rope_theta", cfg["rotary_base"]),
-        rotary_base_local=local.get("rope_theta", cfg["rotary_base_local"]),
         attn_scale=float(hf.query_pre_attn_scalar) ** 0.5,
         window_size=int(hf.sliding_window),
         use_local_attn="sliding_attention" in types,
@@ -1065,10 +1277,13 @@ def _tl3_gemma3_config(
         default_prepend_bos=True,
         normalization_type="RMSPre" if fold else "RMS",
     )
-    if getattr(hf, "attn_logit_softcapping", None):
-        cfg["attn_scores_soft_cap"] = float(hf.attn_logit_softcapping)
-    if getattr(hf, "final_logit_softcapping", None):
-        cfg["output_logits_soft_cap"] = float(hf.final_logit_softcapping)
+    if cfg.get("rotary_base_local") is not None:
+        cfg["rotary_base_local"] = local.get("rope_theta", cfg["rotary_base_local"])
+    # the template's soft caps (Gemma-2: 50 and 30) are the checkpoint's only if it has them
+    attn_cap = getattr(hf, "attn_logit_softcapping", None)
+    final_cap = getattr(hf, "final_logit_softcapping", None)
+    cfg["attn_scores_soft_cap"] = float(attn_cap) if attn_cap else -1.0
+    cfg["output_logits_soft_cap"] = float(final_cap) if final_cap else -1.0
     return HookedTransformerConfig.from_dict(cfg)
 
 
@@ -1080,15 +1295,21 @@ def _check_tl3_cfg(cfg: object, hf_config: object) -> None:
         "n_heads": "num_attention_heads",
         "d_vocab": "vocab_size",
     }
+    arch = (getattr(hf_config, "architectures", None) or [getattr(cfg, "model_name", "")])[0]
     for tl_key, hf_key in pairs.items():
         want = getattr(hf_config, hf_key, None)
         if want is not None and getattr(cfg, tl_key) != want:
-            raise ValueError(f"TL config {tl_key}={getattr(cfg, tl_key)} but the model has {want}")
-    window = _hf_windows(hf_config, int(cfg.n_layers))
-    if any(w is not None for w in window):
-        tl = [int(cfg.window_size) if t == "local" else None for t in (cfg.attn_types or [])]
-        if tl != list(window) or not cfg.use_local_attn:
-            raise ValueError(f"TL sliding windows {tl} disagree with the model's {list(window)}")
+            raise ValueError(
+                f"{arch}: TL config {tl_key}={getattr(cfg, tl_key)} but the model has {want}"
+            )
+    n_layers = int(cfg.n_layers)
+    window = list(_hf_windows(hf_config, n_layers))
+    tl: list[int | None] = [None] * n_layers
+    if cfg.use_local_attn and cfg.window_size:
+        types = cfg.attn_types or ["local"] * n_layers
+        tl = [int(cfg.window_size) if t == "local" else None for t in types]
+    if any(w is not None for w in window) and tl != window:  # (GPT-Neo: HF says it otherwise)
+        raise ValueError(f"{arch}: TL sliding windows {tl} disagree with the model's {window}")
 
 
 def load_tl_name(

@@ -400,7 +400,14 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        if _saved_generic_fast_tokenizer(path):
+            from transformers import PreTrainedTokenizerFast
+
+            # AutoTokenizer would swap in the architecture's own class (e.g. Qwen2Tokenizer),
+            # which re-splits the text its own way: honour the class the tokenizer was saved as
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(
             f"no usable tokenizer in {path} ({type(e).__name__}); "
@@ -408,6 +415,18 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         ) from None
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
     return hf.eval(), tok
+
+
+def _saved_generic_fast_tokenizer(path: Path) -> bool:
+    """Whether ``path`` holds a tokenizer.json saved as the generic fast tokenizer class."""
+    config = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        saved = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return saved in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 # --------------------------------------------------------------------------- load_model
