@@ -544,7 +544,7 @@ def _load_bundle(
         raise ValueError(f"{bundle.name} is supported on TL backends {bundle.backends} only")
     bar = _Progress(f"loading {bundle.name}", 2, progress)
     try:
-        if B.BACKEND == "bridge":  # the bridge wraps the HF module: its cache is the HF dir
+        if not B.supports_converted_cache():  # a bridge wraps the HF module: cache the HF dir
             bar.step("HF checkpoint (cache)")
             hf, tok, manifest, hit = _hf_dir_cache(bundle, root, dtype=dtype)
             tl_name = bundle.tl_name or str(root / f"{bundle.name}-hf")
