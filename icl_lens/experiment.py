@@ -209,9 +209,20 @@ class _Ctx:
     cfg: ExperimentConfig
     rows: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # the metrics' UndefinedMetricWarning messages, in order; each metric is computed right
+    # before its rows are added, so the messages since the last add explain those rows
+    undefined: list[str] = field(default_factory=list)
+    _seen: int = 0
+
+    def _why(self) -> str | None:
+        """The explanations emitted since the previous add (None if there were none)."""
+        new, self._seen = self.undefined[self._seen :], len(self.undefined)
+        return "; ".join(dict.fromkeys(new)) or None
 
     def add(self, metric, variant, value, *, kind="result", layer="mean", ci=(None, None), n=None,
-            lr=None) -> None:  # fmt: skip
+            lr=None, note=None) -> None:  # fmt: skip
+        if note is None and _f(value) is None:
+            note = self._why() or "undefined"
         self.rows.append(
             {
                 "task": self.task,
@@ -226,6 +237,7 @@ class _Ctx:
                 "ci_high": _f(ci[1]),
                 "n": None if n is None else int(n),
                 "lr": lr,
+                "note": note,
             }
         )
 
@@ -237,21 +249,28 @@ class _Ctx:
         x = per_ex_layer.double()
         ok = ~torch.isnan(x)
         n_layers = x.shape[1]
+        why = self._why()
         for layer in range(n_layers):
             col = x[ok[:, layer], layer]
-            self._add_mean(metric, variant, col, kind, layer, lr)
+            self._add_mean(metric, variant, col, kind, layer, lr, len(x), why)
         # overall: per example, mean over its defined layers; then over examples
         per_ex = torch.nanmean(x, dim=1)
         per_ex = per_ex[~torch.isnan(per_ex)]
-        self._add_mean(metric, variant, per_ex, kind, "mean", lr)
+        self._add_mean(metric, variant, per_ex, kind, "mean", lr, len(x), why)
 
-    def _add_mean(self, metric, variant, col, kind, layer, lr):
+    def _add_mean(self, metric, variant, col, kind, layer, lr, total, why):
+        """A mean with its CI; entries left out as undefined are explained in ``note``."""
+        note = None
+        if col.numel() < total:
+            note = (
+                f"{total - col.numel()} of {total} examples undefined: {why or 'no reason given'}"
+            )
         if col.numel() == 0:
-            self.add(metric, variant, None, kind=kind, layer=layer, n=0, lr=lr)
+            self.add(metric, variant, None, kind=kind, layer=layer, n=0, lr=lr, note=note)
             return
         lo, hi = M.bootstrap_ci(col, n_boot=self.cfg.n_boot, seed=self.seed)
         self.add(metric, variant, col.mean(), kind=kind, layer=layer, ci=(lo, hi),
-                 n=col.numel(), lr=lr)  # fmt: skip
+                 n=col.numel(), lr=lr, note=note)  # fmt: skip
 
 
 def _f(x: Any) -> float | None:
@@ -262,13 +281,36 @@ def _f(x: Any) -> float | None:
 
 
 def _run_seed(model, data, tok, seed, cfg, name, progress) -> RunResult:
-    """One (task, seed): undefined metric entries become NaN, counted in the rows' ``n``."""
+    """One (task, seed). Undefined metric entries become NaN (left out of the means, counted
+    in the rows' ``n``), and the metric's own explanation goes into the rows' ``note``; other
+    warnings (e.g. a fast path that failed its check) are shown as they happen."""
+    undefined: list[str] = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
-        return _run_seed_inner(model, data, tok, seed, cfg, name, progress)
+        warnings.simplefilter("always", M.UndefinedMetricWarning)
+        show = warnings.showwarning
+
+        def keep(message, category, *args, **kwargs):
+            if issubclass(category, M.UndefinedMetricWarning):
+                undefined.append(str(message))
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = keep
+        run = _run_seed_inner(model, data, tok, seed, cfg, name, progress, undefined)
+    noted = sorted({r["metric"] for r in run.rows if r.get("note")})
+    if noted:
+        log.warning(
+            "%s seed %d: some entries of %s are undefined and left out; the reasons are in "
+            "the rows' 'note' column",
+            data.task.name,
+            seed,
+            ", ".join(noted),
+        )
+    return run
 
 
-def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progress):
+def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progress,
+                    undefined: list[str]):  # fmt: skip
     spec = data.task
     d = B.dims(model)
     label_ids = label_token_ids(spec, tok)
@@ -280,7 +322,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     demos = fit.demos
     if not demos:
         raise ValueError(f"no demonstration fits the context of {d.n_ctx} tokens")
-    ctx = _Ctx(spec.name, name, seed, cfg)
+    ctx = _Ctx(spec.name, name, seed, cfg, undefined=undefined)
     zs_prompts = [build_prompt(spec, tok, q, record=cfg.record) for q in evals]
     fast_paths: dict[str, list[dict]] = {}  # every capture's self-check report, by condition
     icl_prompts = [build_prompt(spec, tok, q, demos, record=cfg.record) for q in evals]
@@ -479,10 +521,10 @@ def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: s
     mask = _qmask(icl) & _qmask(zs) & _qmask(ft)
     for centered in (False, True):
         suffix = "_centered" if centered else ""
-        before = M.simam(icl.query_scores, zs.query_scores, mask, centered=centered, **nan)
-        after = M.simam(icl.query_scores, ft.query_scores, mask, centered=centered, **nan)
         if variant == "ft":
+            before = M.simam(icl.query_scores, zs.query_scores, mask, centered=centered, **nan)
             ctx.add_layered(f"simam_before{suffix}", "icl_vs_zs", before, lr=lr)
+        after = M.simam(icl.query_scores, ft.query_scores, mask, centered=centered, **nan)
         ctx.add_layered(f"simam_after{suffix}", variant, after, kind=kind, lr=lr)
         delta = M.simam_delta(zs.query_scores, icl.query_scores, ft.query_scores, mask,
                               centered=centered, **nan)  # fmt: skip
@@ -522,12 +564,17 @@ def _sensitivity(ctx: _Ctx, zs: Records, icl: Records, ft: Records, lr: float) -
     nan = {"on_undefined": "nan"}
     variant = f"ft@{lr:g}"
     per = {
-        "simaou": M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
-        "simaou_orthogonal": M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
-        "simaou_null": M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
-        "simam_after": M.simam(icl.query_scores, ft.query_scores, _qmask(icl) & _qmask(ft), **nan),
+        "simaou": lambda: M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simaou_orthogonal": lambda: M.simaou_orthogonal(
+            zs.attn_out, icl.attn_out, ft.attn_out, **nan
+        ),  # fmt: skip
+        "simaou_null": lambda: M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simam_after": lambda: M.simam(
+            icl.query_scores, ft.query_scores, _qmask(icl) & _qmask(ft), **nan
+        ),  # fmt: skip
     }
-    for metric, x in per.items():
+    for metric, compute in per.items():  # each computed right before its row (its notes)
+        x = compute()
         v = torch.nanmean(torch.nanmean(x.double(), dim=1))
         ctx.add(metric, variant, v, kind="lr_grid", lr=lr, n=x.shape[0])
     ctx.add("accuracy", variant, M.accuracy(ft.preds, ft.labels), kind="lr_grid", lr=lr,

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
-from icl_lens.checks import rel_diff, tolerance, warn
+from icl_lens.checks import tolerance, warn
 from icl_lens.memory import release_memory
 
 MODES = ("standard", "layer_causal")
@@ -515,9 +515,19 @@ def _check_side_by_side(model, tokens, mode, vocab_pass, trained, loss, grads) -
     tol = tolerance(trained[0].dtype)
     plain = float(plain.detach())
     loss_diff = abs(loss - plain) / max(1.0, abs(plain))
-    grad_diff = max(rel_diff(g, w) for g, w in zip(grads, want, strict=True))
-    report = {"loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "tolerance": tol}
-    if not (loss_diff <= tol and grad_diff <= 10 * tol):
+    # relative L2 error over all K/V tensors together (a per-tensor max would let a layer
+    # whose gradient is nearly zero dominate with pure rounding noise)
+    err = sum(
+        float((g.double() - w.double()).pow(2).sum()) for g, w in zip(grads, want, strict=True)
+    )
+    ref = sum(float(w.double().pow(2).sum()) for w in want)
+    grad_diff = (err / ref) ** 0.5 if ref > 0 else float(err > 0)
+    # The plain fp32 backward itself is ~4e-4 (relative L2) from float64 on Gemma-3-270m, while
+    # a real fault (a delta missing in a layer, counted twice) is off by percents or more.
+    grad_tol = min(50 * tol, 0.1)
+    report = {"loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "tolerance": tol,
+              "grad_tolerance": grad_tol}  # fmt: skip
+    if not (loss_diff <= tol and grad_diff <= grad_tol):
         warn(
             f"side-by-side FT disagrees with plain FT at step 0 (loss {loss_diff:.3g}, "
             f"gradients {grad_diff:.3g} relative); training each rate in place instead"

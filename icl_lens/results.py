@@ -34,6 +34,7 @@ COLUMNS = [
     "ci_high",
     "n",
     "lr",
+    "note",  # why entries are undefined (left out of the mean), when some are
 ]
 FORMAT = "icl-lens-results/1"
 CHECKSUM = "checksum"
@@ -151,7 +152,9 @@ class Results:
         """One row per (task, model, seed, metric, variant, layer) with its CI."""
         rows = [r for run in self.runs for r in run.rows]
         frame = pd.DataFrame(rows, columns=COLUMNS)
-        return frame.astype({"value": float, "ci_low": float, "ci_high": float})
+        frame = frame.astype({"value": float, "ci_low": float, "ci_high": float, "note": object})
+        frame["note"] = frame["note"].where(frame["note"].notna(), None)  # older files: no note
+        return frame
 
     def get(self, metric: str, variant: str, layer: str = "mean", task: str | None = None):
         """Values of one metric/variant/layer, one per (task, seed)."""

@@ -267,3 +267,38 @@ def test_a_diverging_grid_rate_is_left_out_not_fatal(toy_setup, caplog):
     with pytest.raises(E.FinetuneDivergedError, match="every rate of lr_grid"):
         E.run_experiment(model, data.task, data=data, tokenizer=tok,
                          **{**kw, "lr_grid": (float("inf"), 1e300)})  # fmt: skip
+
+
+def test_undefined_entries_carry_their_reason():
+    """Entries a metric cannot define are left out of the mean, counted in ``n``, and the
+    metric's own explanation is the rows' ``note`` (never a silent NaN)."""
+    import warnings
+
+    undefined: list[str] = []
+    ctx = E._Ctx("t", "m", 0, E.ExperimentConfig(n_boot=50), undefined=undefined)
+    gen = torch.Generator().manual_seed(0)
+    zs = torch.randn(4, 2, 8, generator=gen)
+    icl = zs + torch.randn(4, 2, 8, generator=gen)
+    icl[1] = zs[1]  # example 1: ICL did not move the output, so its update has no direction
+    ft = zs + torch.randn(4, 2, 8, generator=gen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = M.simaou(zs, icl, ft, on_undefined="nan")
+    undefined += [str(w.message) for w in caught]
+    ctx.add_layered("simaou", "ft", x)
+    ctx.add("accuracy", "ft", 0.5, n=4)  # defined: no note, and the messages are used up
+    rows = {r["layer"]: r for r in ctx.rows if r["metric"] == "simaou"}
+    for r in rows.values():
+        assert r["n"] == 3 and r["value"] is not None
+        assert r["note"].startswith("1 of 4 examples undefined: simaou undefined"), r["note"]
+    assert ctx.rows[-1]["note"] is None
+    ctx.add("rec2ftp", "ft", float("nan"))
+    assert ctx.rows[-1]["value"] is None and ctx.rows[-1]["note"] == "undefined"
+
+
+def test_results_rows_with_missing_values_are_explained(toy_results):
+    frame = toy_results.to_frame()
+    missing = frame[frame["value"].isna()]
+    assert missing["note"].notna().all(), missing[["metric", "variant", "layer"]]
+    partial = frame[frame["note"].notna() & frame["value"].notna()]
+    assert partial["note"].str.contains("examples undefined").all()
