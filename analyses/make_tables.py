@@ -1,7 +1,7 @@
 """Print the README's reference tables (markdown) from saved results, or write them in place.
 
-    python analyses/make_tables.py results/gemma-3-270m
-    python analyses/make_tables.py results/gemma-3-270m --readme README.md
+    python analyses/make_tables.py results/reference/gemma-3-270m
+    python analyses/make_tables.py results/reference/gemma-3-270m --readme README.md
 
 Uses only the public API (``Results.load``, ``results.readme_tables``). With ``--readme`` the
 block between ``<!-- reference-tables:start -->`` and ``<!-- reference-tables:end -->`` is

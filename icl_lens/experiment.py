@@ -110,6 +110,7 @@ def run_experiment(
     tokenizer: Any = None,
     model_name: str | None = None,
     out_dir: str | Path | None = None,
+    resume: str = "same_versions",
     progress: bool = True,
     **config: Any,
 ) -> Results:
@@ -117,9 +118,14 @@ def run_experiment(
 
     ``config`` sets ``ExperimentConfig`` fields (``lr``, ``lr_grid``, ``baselines``, ``record``,
     ...). With ``out_dir``, each (task, seed) is written to ``out_dir/<task>/seed<k>.json`` as
-    soon as it finishes and skipped on the next call, so a killed run resumes.
+    soon as it finishes and reused on the next call, so a killed run resumes. ``resume``:
+    "same_versions" (default) reuses only files made with the same model and package stack,
+    "any" reuses any file made with the same settings, "never" recomputes everything; what was
+    reused is listed in ``Results.resumed``.
     """
     B.check_model(model)
+    if resume not in RESUME:
+        raise ValueError(f"resume={resume!r}; choose one of {RESUME}")
     cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds), **config)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
@@ -128,12 +134,17 @@ def run_experiment(
     if data is None:
         data = load_task_data(spec, source=source)
     name = model_name or _model_name(model)
-    runs = []
+    stack = _stack(B.tl_version_info(), name)
+    runs, resumed = [], []
     for seed in tqdm(cfg.seeds, desc=f"{spec.name} seeds", disable=not progress):
         path = Path(out_dir) / spec.name / f"seed{seed}.json" if out_dir else None
-        done = _load_done(path, cfg)
+        done = _load_done(path, cfg, resume, stack)
         if done is not None:
             runs.append(done)
+            prov = done.provenance
+            resumed.append({"task": spec.name, "seed": seed, "path": str(path),
+                            "icl_lens_git": prov.get("icl_lens_git"),
+                            **_stack(prov)})  # fmt: skip
             continue
         start = time.perf_counter()
         run = _run_seed(model, data, tok, seed, cfg, name, progress)
@@ -141,7 +152,7 @@ def run_experiment(
             atomic_write_json(path, run.to_json())
             _log_timing(Path(out_dir), spec.name, seed, time.perf_counter() - start)
         runs.append(run)
-    return Results(runs)
+    return Results(runs, resumed=resumed)
 
 
 def _log_timing(out_dir: Path, task: str, seed: int, seconds: float) -> None:
@@ -175,14 +186,27 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in model_info(model).items() if not any(m in k for m in _VOLATILE)}
 
 
-def _load_done(path: Path | None, cfg: ExperimentConfig) -> RunResult | None:
+RESUME = ("same_versions", "any", "never")
+_STACK_KEYS = ("transformer_lens", "transformers", "torch", "backend")
+
+
+def _stack(provenance: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    """What must match for a finished run to be reused: the model and the package stack."""
+    stack = {k: provenance.get(k) for k in _STACK_KEYS}
+    stack["model"] = provenance.get("model") if model is None else model
+    return stack
+
+
+def _load_done(path: Path | None, cfg: ExperimentConfig, resume: str = "any",
+               stack: dict[str, Any] | None = None) -> RunResult | None:  # fmt: skip
     """A finished run file made with the same config and a valid checksum, else None.
 
     A file that is unreadable, was edited or damaged after it was written (its checksum does
     not match), or has no checksum (written by an older icl-lens) is recomputed, with a warning
-    that names it and says why.
+    that names it and says why. With ``resume="same_versions"`` a run made with another model
+    or package stack than ``stack`` is recomputed too; ``"never"`` recomputes everything.
     """
-    if path is None or not path.exists():
+    if path is None or not path.exists() or resume == "never":
         return None
     try:
         run = Results.load(path, require_checksum=True).runs[0]
@@ -193,6 +217,14 @@ def _load_done(path: Path | None, cfg: ExperimentConfig) -> RunResult | None:
     if run.provenance.get("config_key") != cfg.key():
         log.warning("%s was made with other settings; recomputing it", path)
         return None
+    if resume == "same_versions" and stack is not None:
+        theirs = _stack(run.provenance)
+        differ = {k: (theirs[k], v) for k, v in stack.items() if theirs[k] != v}
+        if differ:
+            what = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in differ.items())
+            log.warning("not resuming %s: made with %s; recomputing it (resume='any' / "
+                        "--resume-any reuses it)", path, what)  # fmt: skip
+            return None
     return run
 
 

@@ -139,14 +139,16 @@ class RunResult:
 class Results:
     """All runs of an experiment. ``to_frame`` is tidy; ``summary`` is the paper-style table."""
 
-    def __init__(self, runs: Iterable[RunResult] = ()):
+    def __init__(self, runs: Iterable[RunResult] = (), resumed: Iterable[dict] = ()):
         self.runs: list[RunResult] = list(runs)
+        # runs reused from files instead of computed (task, seed, path, versions)
+        self.resumed: list[dict] = list(resumed)
 
     def __len__(self) -> int:
         return len(self.runs)
 
     def __add__(self, other: Results) -> Results:
-        return Results([*self.runs, *other.runs])
+        return Results([*self.runs, *other.runs], [*self.resumed, *other.resumed])
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (task, model, seed, metric, variant, layer) with its CI."""

@@ -302,3 +302,36 @@ def test_results_rows_with_missing_values_are_explained(toy_results):
     assert missing["note"].notna().all(), missing[["metric", "variant", "layer"]]
     partial = frame[frame["note"].notna() & frame["value"].notna()]
     assert partial["note"].str.contains("examples undefined").all()
+
+
+def test_resume_reuses_only_runs_of_the_same_stack_unless_asked(tmp_path, caplog):
+    """A finished run made with another transformers (or model) is recomputed by default,
+    reused with resume='any', and never reused with resume='never'."""
+    cfg = E.ExperimentConfig()
+    path = tmp_path / "t" / "seed0.json"
+    now = E._stack(B.tl_version_info(), "m")
+    rows = [{"task": "t", "model": "m", "seed": 0, "metric": "accuracy", "variant": "ft",
+             "kind": "result", "layer": "mean", "value": 0.75}]  # fmt: skip
+    prov = {"config_key": cfg.key(), "model": "m", **B.tl_version_info()}
+    atomic_write_json(path, RunResult("t", 0, rows, prov, {}).to_json())
+    assert E._load_done(path, cfg, "same_versions", now) is not None
+    assert E._load_done(path, cfg, "never", now) is None
+    assert E._load_done(path, cfg, "same_versions", {**now, "model": "other"}) is None
+    prov["transformers"] = "5.23.0-not-this-one"
+    atomic_write_json(path, RunResult("t", 0, rows, prov, {}).to_json())
+    with caplog.at_level(logging.WARNING, logger=E.log.name):
+        assert E._load_done(path, cfg, "same_versions", now) is None
+    assert "transformers 5.23.0-not-this-one (now" in caplog.text and "resume='any'" in caplog.text
+    assert E._load_done(path, cfg, "any", now).rows[0]["value"] == 0.75
+
+
+def test_run_experiment_lists_what_it_resumed(toy_setup, tmp_path):
+    model, tok, data = toy_setup
+    kw = {**FAST, "baselines": (), "lr": 0.1, "lr_sensitivity": False}
+    first = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
+    assert first.resumed == []
+    again = E.run_experiment(model, data.task, data=data, tokenizer=tok, out_dir=tmp_path, **kw)
+    (entry,) = again.resumed
+    assert entry["task"] == "toy_icl" and entry["seed"] == 0 and entry["transformers"]
+    with pytest.raises(ValueError, match="resume="):
+        E.run_experiment(model, data.task, data=data, tokenizer=tok, resume="maybe", **kw)

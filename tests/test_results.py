@@ -83,7 +83,7 @@ def test_readme_reference_tables_match_the_committed_results():
     found = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), readme, re.S)
     assert found, f"README has {START} but no {END} after it"
     quoted = found.group(1)
-    results = Results.load(ROOT / "results" / "gemma-3-270m")
+    results = Results.load(ROOT / "results" / "reference" / "gemma-3-270m")
     assert quoted.strip() == readme_tables(results).strip()
 
 
@@ -165,6 +165,6 @@ def test_files_without_a_checksum_load_for_reading_only(tmp_path):
     with pytest.raises(ValueError, match="has no checksum") as err:
         Results.load(path, require_checksum=True)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
-    committed = ROOT / "results" / "gemma-3-270m"
+    committed = ROOT / "results" / "reference" / "gemma-3-270m"
     if committed.is_dir():  # written before checksums: still readable for tables and figures
         assert len(Results.load(committed)) > 0
