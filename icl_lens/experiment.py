@@ -15,7 +15,8 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,23 +416,26 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
 
     extra: dict[str, Records] = {}
     if "layer_causal" in cfg.baselines:
-        with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
-            extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
-        _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
-        _release(st)
+        with _baseline_ft(ctx, "ft_layer_causal", lr):
+            with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
+                extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
+            _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
+            _release(st)
     if "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1:
         shuffled = shuffle_labels(demos, seed)
-        with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
-            extra["ft_shuffled"] = run(model, zs_prompts, "ft")
-        _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
-        _release(st)
+        with _baseline_ft(ctx, "ft_shuffled", lr):
+            with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
+                extra["ft_shuffled"] = run(model, zs_prompts, "ft")
+            _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
+            _release(st)
     for variant, rec in extra.items():
         ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
                 n=len(rec), lr=lr)  # fmt: skip
     stages.update(1)
 
     if "untrained" in cfg.baselines:
-        _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run)
+        with _baseline_ft(ctx, "untrained", lr):
+            _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run)
     stages.update(1)
     if cfg.dual:
         _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok)
@@ -526,6 +530,20 @@ def _classification(ctx: _Ctx, zs: Records, icl: Records, ft: Records, n_labels:
         "ft_changed": ca.n_ft_changed,
         "same": ca.n_same,
     }
+
+
+@contextmanager
+def _baseline_ft(ctx: _Ctx, variant: str, lr: float) -> Iterator[None]:
+    """A baseline whose FT diverges at the chosen rate (e.g. the untrained model, whose loss
+    can explode where the trained model's does not) is reported, not fatal: its SimAOU row
+    is undefined, with the divergence as the reason."""
+    try:
+        yield
+    except FinetuneDivergedError as e:
+        log.warning("%s seed %d: the %s baseline's FT diverged (%s); left out", ctx.task,
+                    ctx.seed, variant, e)  # fmt: skip
+        ctx.add("simaou", variant, None, kind="baseline", n=0, lr=lr,
+                note=f"{variant} FT diverged at lr={lr:g}: {e}")  # fmt: skip
 
 
 def _release(state) -> None:

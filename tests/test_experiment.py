@@ -335,3 +335,28 @@ def test_run_experiment_lists_what_it_resumed(toy_setup, tmp_path):
     assert entry["task"] == "toy_icl" and entry["seed"] == 0 and entry["transformers"]
     with pytest.raises(ValueError, match="resume="):
         E.run_experiment(model, data.task, data=data, tokenizer=tok, resume="maybe", **kw)
+
+
+def test_a_diverging_baseline_ft_is_reported_not_fatal(toy_setup, monkeypatch):
+    """If a baseline's FT (here layer-causal) diverges at the chosen rate, the run goes on and
+    the baseline's row says why it is missing."""
+    from icl_lens.finetune import FinetuneDivergedError
+
+    model, tok, data = toy_setup
+    real = E.finetuned
+
+    def finetuned(model, demos, lr, **kw):
+        if kw.get("mode") == "layer_causal":
+            raise FinetuneDivergedError("finetune loss exploded (test)")
+        return real(model, demos, lr, **kw)
+
+    monkeypatch.setattr(E, "finetuned", finetuned)
+    kw = {**FAST, "baselines": ("layer_causal", "shuffled"), "lr": 0.1, "lr_sensitivity": False}
+    res = E.run_experiment(model, data.task, data=data, tokenizer=tok, **kw)
+    f = res.to_frame()
+    row = f[(f.variant == "ft_layer_causal") & (f.metric == "simaou")]
+    assert len(row) == 1 and row.value.isna().all()
+    assert (
+        "ft_layer_causal FT diverged at lr=0.1: finetune loss exploded (test)" in row.note.iloc[0]
+    )
+    assert f[(f.variant == "ft_shuffled") & (f.metric == "simaou")].value.notna().any()
