@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -77,6 +78,16 @@ class ExperimentConfig:
                 "n_demos must be >= 1: with no demonstrations ICL equals ZS, the update is zero "
                 "and every similarity is undefined"
             )
+        if self.n_eval < 1:
+            raise ValueError(f"n_eval must be >= 1 (got {self.n_eval})")
+        if not self.seeds or any(int(x) != x or x < 0 for x in self.seeds):
+            raise ValueError(f"seeds must be one or more integers >= 0 (got {list(self.seeds)})")
+        for name, rate in [("lr", self.lr), *(("lr_grid", g) for g in self.lr_grid)]:
+            if rate is not None and not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{name} must be finite and > 0 (got {rate})")
+        for name in ("batch_size", "n_boot", "n_heldout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.kendall_examples is not None and self.kendall_examples < 1:
             raise ValueError("kendall_examples must be >= 1, or None for every example")
         if self.lr is None and not self.lr_grid:

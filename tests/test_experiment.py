@@ -209,6 +209,14 @@ def test_bad_configs(toy_setup):
         E.run_experiment(model, data.task, data=data, tokenizer=tok, n_demos=0)
     with pytest.raises(ValueError, match="unknown baselines"):
         E.run_experiment(model, data.task, data=data, tokenizer=tok, baselines=("vibes",))
+    # a value the user gave is never replaced by a default or silently clipped
+    bad = [({"n_eval": -1}, "n_eval must be >= 1"), ({"n_eval": 0}, "n_eval must be >= 1"),
+           ({"seeds": []}, "seeds must be"), ({"lr": float("inf")}, "lr must be finite"),
+           ({"lr_grid": (0.1, -1.0)}, "lr_grid must be finite"),
+           ({"batch_size": 0}, "batch_size must be >= 1")]  # fmt: skip
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            E.run_experiment(model, data.task, data=data, tokenizer=tok, **kw)
     empty = TaskData(data.task, [], data.demo_pool, "toy", {})
     with pytest.raises(ValueError, match="no evaluation examples"):
         E.run_experiment(model, data.task, data=empty, tokenizer=tok, **FAST)
@@ -251,22 +259,22 @@ def test_dual_analysis_is_wired_in(toy_setup):
 
 
 def test_a_diverging_grid_rate_is_left_out_not_fatal(toy_setup, caplog):
-    """A rate whose FT loss turns NaN/inf is reported and skipped; the run goes on with the
-    rest of the grid. If every rate diverges the error names the fix."""
+    """A rate whose FT loss turns NaN/inf (a huge rate) is reported and skipped; the run goes
+    on with the rest of the grid. If every rate diverges the error names the fix."""
     model, tok, data = toy_setup
-    kw = {**FAST, "baselines": (), "n_eval": 8, "lr_grid": (0.1, float("inf"))}
+    kw = {**FAST, "baselines": (), "n_eval": 8, "lr_grid": (0.1, 1e300)}
     res = E.run_experiment(model, data.task, data=data, tokenizer=tok, **kw)
     selection = res.runs[0].provenance["lr_selection"]
     assert selection["lr"] == 0.1
-    assert list(selection["diverged"]) == ["inf"]
-    assert "use a lower learning rate" in selection["diverged"]["inf"]
+    assert list(selection["diverged"]) == ["1e+300"]
+    assert "use a lower learning rate" in selection["diverged"]["1e+300"]
     assert list(selection["heldout_accuracy"]) == ["0.1"]
     lrs = {r["lr"] for r in res.runs[0].rows if r["lr"] is not None}
     assert lrs == {0.1}
     assert "rate left out" in caplog.text
     with pytest.raises(E.FinetuneDivergedError, match="every rate of lr_grid"):
         E.run_experiment(model, data.task, data=data, tokenizer=tok,
-                         **{**kw, "lr_grid": (float("inf"), 1e300)})  # fmt: skip
+                         **{**kw, "lr_grid": (1e200, 1e300)})  # fmt: skip
 
 
 def test_undefined_entries_carry_their_reason():
