@@ -325,21 +325,42 @@ def _load_hf(
     )  # fmt: skip
 
 
-def _read_table(path: Path) -> Any:
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
+
+def read_table(path: str | Path, text_columns: Sequence[str] = ()) -> Any:
+    """A CSV / TSV / JSONL file as a DataFrame, every cell as written: a text such as ``NA``,
+    ``null`` or ``nan`` stays that text (pandas would read it as a missing value); an empty
+    CSV cell is ``""`` and a JSON ``null`` is missing. CSV ``text_columns`` are read as strings
+    (``007`` stays ``007``). Errors name the file and the fix."""
     import pandas as pd
 
+    path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-    if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True, dtype=False)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    kind = "JSON lines (one object per line)" if suffix in (".jsonl", ".ndjson") else "a header row"
+    if not path.read_bytes().strip():
+        raise ValueError(f"{path}: the file is empty; write {kind} and one example per row")
+    try:
+        if suffix in (".csv", ".tsv"):
+            sep = "\t" if suffix == ".tsv" else ","
+            text = dict.fromkeys(text_columns, str)
+            return pd.read_csv(path, sep=sep, keep_default_na=False, dtype=text)
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    except ValueError as e:  # parser errors, bad JSON, undecodable bytes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not readable as {kind} ({first})") from e
 
 
-def _labels_of(values: Any, labels: Sequence[str] | None, what: str) -> list[int]:
+def _labels_of(values: Any, labels: Sequence[Any] | None, what: str) -> list[int]:
+    """Label-word indices: the values looked up (as strings) in ``labels`` when it is given,
+    else the integers themselves."""
     import pandas as pd
 
-    if pd.api.types.is_integer_dtype(values):
+    if labels is None and pd.api.types.is_integer_dtype(values):
         return [int(v) for v in values]
     if labels is None:
         raise ValueError(
@@ -360,7 +381,7 @@ def load_file(
     template: str,
     label_words: Sequence[str],
     *,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[Any] | None = None,
     eval_fraction: float = 0.5,
     split_column: str | None = None,
     name: str | None = None,
@@ -371,7 +392,9 @@ def load_file(
 ) -> TaskData:
     """A task and its data from a CSV / TSV / JSONL file.
 
-    Labels are integers (label-word indices) or strings mapped through ``labels``. Eval rows are
+    Labels are integers (label-word indices), or any values mapped through ``labels`` (the
+    values, compared as strings, in label-word order; e.g. ``["negative", "positive"]`` or
+    ``[1, 2]``). A text written ``NA`` is the text "NA", not a missing value. Eval rows are
     either the ``split_column`` rows marked eval/test/validation/dev (shuffled with ``seed``,
     capped) or the first ``eval_fraction`` of a ``seed`` permutation; the rest form the demo pool.
     Ids are ``str(row index)``.
@@ -392,15 +415,24 @@ def load_file(
         name or path.stem, template, tuple(label_words), text_fields=tuple(field_of.values()),
         hf_text_columns=tuple(columns), hf_label_column=label_column,
     )  # fmt: skip
-    df = _read_table(path)
+    df = read_table(path, columns)
     needed = [*columns, label_column] + ([split_column] if split_column else [])
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; available: {list(df.columns)}")
     if len(df) == 0:
         raise ValueError(f"{path}: no rows; add examples to the file")
-    if df[needed].isna().any().any():
-        raise ValueError(f"{path}: empty cells in {needed}; drop or fill those rows")
+    for column in needed:
+        cells = df[column]
+        empty = cells.isna() | cells.map(lambda v: isinstance(v, str) and not v.strip())
+        if empty.any():
+            rows = [int(i) for i in np.flatnonzero(empty.to_numpy())]
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise ValueError(
+                f"{path}: {len(rows)} empty {'cell' if len(rows) == 1 else 'cells'} in column "
+                f"{column!r} (rows {shown}, counting from 0 after the header); fill or drop "
+                f"{'that row' if len(rows) == 1 else 'those rows'}"
+            )
     label_ids = _labels_of(df[label_column], labels, str(path))
     rows = df[columns].astype(str).values.tolist()
 

@@ -11,8 +11,9 @@ losses are summed, so each layer's K/V learn only from their own loss.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -31,8 +32,23 @@ MODES = ("standard", "layer_causal")
 VOCAB_CHUNK = 2048  # unembedding columns per step of the loss's vocabulary pass (~5 MB fp32)
 
 
+# A finite loss has exploded (diverged, like NaN) when it is more than EXPLODE_MARGIN nats
+# above, and both EXPLODE_FACTOR times the first step's loss and EXPLODE_CONFIRM times the
+# untouched model's loss on the same demonstration (computed only when the first test trips).
+# Each step's loss is of another demonstration, so the first test alone is tripped by their
+# spread: on the reference run (Gemma-3-270m, MR seed 0, lr 1e-4) one demonstration's loss was
+# 1.99x the first's with nothing diverging, and a re-initialised toy (the untrained baseline)
+# reaches 1.8x at lr 1e-6. The same demonstration has no such spread, hence the lower factor,
+# which a bounded loss needs: Gemma-3-270m at lr 1e9 takes a demonstration from 7.5 to 13.8
+# nats (1.8x), not to infinity.
+EXPLODE_FACTOR = 2.0
+EXPLODE_CONFIRM = 1.5
+EXPLODE_MARGIN = 1.0
+
+
 class FinetuneDivergedError(FloatingPointError):
-    """The loss became NaN or infinite; the model has been restored."""
+    """The loss became NaN or infinite, or exploded (see ``EXPLODE_FACTOR``); the model has
+    been restored."""
 
 
 @dataclass
@@ -312,9 +328,9 @@ def finetuned(
     named = list(params) if params is not None else B.named_kv_parameters(model)
     trained = [p for _, p in named]
     state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
-    with _restoring(model, trained):
+    with _restoring(model, trained) as originals:
         with _training(model):
-            _train(model, sequences, trained, state, record_queries, progress)
+            _train(model, sequences, trained, state, record_queries, progress, originals)
         yield state
 
 
@@ -340,15 +356,57 @@ def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str) 
     return vocab_pass
 
 
-def _diverged(value: float, step: int, lr: float) -> FinetuneDivergedError:
+def _diverged(value: float, step: int, lr: float, first: float | None = None,
+              untouched: float | None = None) -> FinetuneDivergedError:  # fmt: skip
+    what = f"became {value}"
+    if first is not None and untouched is not None and math.isfinite(value):
+        what = (
+            f"exploded to {value:.4g} (first step {first:.4g}; the untouched model's loss on "
+            f"this demonstration {untouched:.4g})"
+        )
     return FinetuneDivergedError(
-        f"finetune loss became {value} at step {step} with lr={lr}; "
+        f"finetune loss {what} at step {step} with lr={lr}; "
         "use a lower learning rate (the model has been restored)"
     )
 
 
-def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool):
-    """The SGD loop: one step per demonstration, in order."""
+def _above(value: float, reference: float, factor: float) -> bool:
+    return value > max(factor * reference, reference + EXPLODE_MARGIN)
+
+
+def _check_loss(value: float, step: int, lr: float, losses: Sequence[float],
+                untouched: Callable[[], float]) -> FinetuneDivergedError | None:  # fmt: skip
+    """The error for a NaN/inf or exploded loss ``value`` at ``step`` (after ``losses``);
+    ``untouched()`` gives the untouched model's loss on this step's demonstration."""
+    if not math.isfinite(value):
+        return _diverged(value, step, lr)
+    if losses and math.isfinite(losses[0]) and _above(value, losses[0], EXPLODE_FACTOR):
+        reference = untouched()
+        if _above(value, reference, EXPLODE_CONFIRM):
+            return _diverged(value, step, lr, losses[0], reference)
+    return None
+
+
+def _untouched_loss(model: nn.Module, tokens: Tensor, mode: str, vocab_pass: bool,
+                    trained: Sequence[Tensor] = (),
+                    originals: Sequence[Tensor] = ()) -> float:  # fmt: skip
+    """The loss of ``tokens`` [1, pos] under the model with ``trained`` set to ``originals``
+    for one no-grad pass (then put back exactly); with none given, the model as it is. The
+    in-place copies would invalidate a pending backward: call it after ``backward``."""
+    with torch.no_grad():
+        current = [p.detach().clone() for p in trained]
+        try:
+            for p, orig in zip(trained, originals, strict=True):
+                p.copy_(orig)
+            return float(_step_losses(model, tokens, mode, vocab_pass, [])[0])
+        finally:
+            for p, cur in zip(trained, current, strict=True):
+                p.copy_(cur)
+
+
+def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool,
+           originals: Sequence[Tensor]):  # fmt: skip
+    """The SGD loop: one step per demonstration, in order (``originals``: the untrained K/V)."""
     for p in trained:
         p.grad = None
     vocab_pass = _prepare(model, sequences, trained, state.mode)
@@ -360,13 +418,18 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
         qs: dict[int, Tensor] = {}
         hooks = _query_hooks(model, qs) if record_queries else []
-        loss = _step_losses(model, torch.tensor([seq], device=device), state.mode, vocab_pass,
-                            hooks)[0]  # fmt: skip
+        tokens = torch.tensor([seq], device=device)
+        loss = _step_losses(model, tokens, state.mode, vocab_pass, hooks)[0]
         value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
+        if not math.isfinite(value):
             raise _diverged(value, step, state.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        untouched = functools.partial(_untouched_loss, model, tokens, state.mode, vocab_pass,
+                                      trained, originals)  # fmt: skip
+        error = _check_loss(value, step, state.lr, state.losses, untouched)
+        if error is not None:
+            raise error
         opt.step()
         state.losses.append(value)
         if record_queries:
@@ -386,7 +449,7 @@ class FTGrid:
 
     ``with grid.applied(lr) as state:`` puts that rate's finetuned K/V into the model for the
     block (restored bit for bit on exit). ``states`` holds each trained rate's ``FTState``;
-    ``diverged`` maps a rate whose loss became NaN/inf to its error message.
+    ``diverged`` maps a rate whose loss became NaN/inf or exploded to its error message.
     """
 
     def __init__(self, model: nn.Module, lrs: Sequence[float], named, originals, run_one) -> None:
@@ -567,10 +630,16 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
         with B.kv_deltas(model, rows):
             losses = _step_losses(model, tokens, mode, vocab_pass, hooks)
         values = losses.detach().tolist()
-        ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+        # the model's own K/V (no deltas); computed at most once per step
+        untouched = functools.cache(
+            functools.partial(_untouched_loss, model, tokens[:1], mode, vocab_pass)
+        )
+        errors = [_check_loss(v, step, rates[r], states[r].losses, untouched)
+                  for v, r in zip(values, live, strict=True)]  # fmt: skip
+        ok = [i for i, e in enumerate(errors) if e is None]
         for i, r in enumerate(live):
-            if i not in ok:
-                grid.diverged[rates[r]] = str(_diverged(values[i], step, rates[r]))
+            if errors[i] is not None:
+                grid.diverged[rates[r]] = str(errors[i])
         if ok:
             keep = [live[i] for i in ok]
             lr = torch.zeros(len(rates), dtype=torch.float64)  # 0 for rows that do not step

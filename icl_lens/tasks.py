@@ -13,6 +13,7 @@ activations are recorded at the appended label token (−1) by default.
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -329,6 +330,10 @@ def check_context(prompt_or_len: Prompt | Sequence[int] | int, n_ctx: int) -> No
         )
 
 
+class ContextWarning(UserWarning):
+    """Demonstrations were dropped so that every prompt fits the model's context."""
+
+
 class DemoFit(NamedTuple):
     """Result of :func:`fit_demos`: the kept demos, how many were dropped, longest prompt."""
 
@@ -348,7 +353,8 @@ def fit_demos(
 ) -> DemoFit:
     """Drop demos from the end until the longest query's prompt fits ``n_ctx`` (as the reference).
 
-    Raises if even the zero-demo prompt of the longest query does not fit.
+    Dropping warns (:class:`ContextWarning`: how many of how many, and the context size);
+    raises if even the zero-demo prompt of the longest query does not fit.
     """
     if not queries:
         raise ValueError("fit_demos needs at least one query example")
@@ -366,4 +372,12 @@ def fit_demos(
         kept -= 1
     longest = base + sum(demo_lens[:kept])
     check_context(longest, n_ctx)
+    if kept < len(demos):
+        warnings.warn(
+            f"dropped {len(demos) - kept} of {len(demos)} demonstrations (kept the first "
+            f"{kept}) so that the longest prompt, {longest} tokens, fits the model's context of "
+            f"{n_ctx} tokens; use fewer demonstrations or shorter examples to keep them all",
+            ContextWarning,
+            stacklevel=2,
+        )
     return DemoFit(list(demos[:kept]), len(demos) - kept, longest)

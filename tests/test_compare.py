@@ -226,7 +226,9 @@ def test_disjoint_seeds_compare_the_means(tmp_path):
     )
 
 
-def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
+def test_errors_are_one_line_with_usage_and_runtime_exit_codes(tmp_path, capsys):
+    """A path that does not exist is a usage error (2); a corrupt file met while working is a
+    runtime failure (1), as in ``figures``; both are one line."""
     ref = _write(tmp_path / "ref", _runs())
     assert cli.main(["compare", str(tmp_path / "nothing"), str(ref)]) == 2
     err = capsys.readouterr().err.strip()
@@ -234,7 +236,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     broken = tmp_path / "broken" / "sst2"
     broken.mkdir(parents=True)
     (broken / "seed0.json").write_text("{not json")
-    assert cli.main(["compare", str(tmp_path / "broken"), str(ref)]) == 2
+    assert cli.main(["compare", str(tmp_path / "broken"), str(ref)]) == 1
     err = capsys.readouterr().err.strip()
     assert "corrupt" in err and len(err.splitlines()) == 1
     # no reference found for a model that has none: names what to pass

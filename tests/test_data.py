@@ -21,6 +21,7 @@ from icl_lens.data import (
     load_file,
     load_task_data,
     read_staicc_file,
+    read_table,
     safe_unpickle,
     sample_demos,
 )
@@ -316,6 +317,53 @@ def test_file_errors(tmp_path):
         load_file(tmp_path / "x.parquet", "review", "label", "{x}", words)
     with pytest.raises(ValueError, match="template fields"):
         load_file(csv, ["review", "split"], "sentiment", "{x}", words)
+
+
+def test_csv_texts_such_as_na_are_texts(tmp_path):
+    """pandas reads NA, null, nan, N/A... as missing values; a text is what is written."""
+    path = tmp_path / "na.csv"
+    words = ["NA", "null", "nan", "N/A", "None", "007", "1.50", "-", "n/a", "#N/A"]
+    path.write_text("text,label\n" + "".join(f"{w},{i % 2}\n" for i, w in enumerate(words)))
+    d = load_file(path, "text", "label", "{x}", (" no", " yes"))
+    by_text = {e.fields["x"]: e.label for e in [*d.eval, *d.demo_pool]}
+    assert by_text == {w: i % 2 for i, w in enumerate(words)}
+    assert read_table(path, ["text"])["text"].tolist() == words
+
+
+def test_empty_cells_name_their_rows(tmp_path):
+    csv = tmp_path / "blank.csv"
+    csv.write_text("text,label\na,0\n,1\nc,0\n   ,1\n")
+    with pytest.raises(ValueError, match=r"2 empty cells in column 'text' \(rows 1, 3, counting"):
+        load_file(csv, "text", "label", "{x}", (" no", " yes"))
+    jsonl = tmp_path / "null.jsonl"
+    jsonl.write_text('{"text": "a", "label": 0}\n{"text": null, "label": 1}\n')
+    with pytest.raises(ValueError, match=r"1 empty cell in column 'text' \(rows 1,.* that row"):
+        load_file(jsonl, "text", "label", "{x}", (" no", " yes"))
+
+
+def test_empty_and_unreadable_files_name_the_file_and_the_fix(tmp_path):
+    for name in ("empty.csv", "empty.jsonl"):
+        (tmp_path / name).write_text("\n")
+        with pytest.raises(ValueError, match=rf"{name}: the file is empty; write "):
+            load_file(tmp_path / name, "text", "label", "{x}", (" no", " yes"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: not readable as JSON lines"):
+        load_file(bad, "text", "label", "{x}", (" no", " yes"))
+    with pytest.raises(FileNotFoundError, match="missing.csv: no such file"):
+        load_file(tmp_path / "missing.csv", "text", "label", "{x}", (" no", " yes"))
+
+
+def test_labels_map_integer_values_too():
+    """With ``labels``, every label value (integers included) is looked up in it: the file's
+    1 = positive is label-word 0 when labels=[1, 0]."""
+    d = load_file(FIXTURES / "reviews.jsonl", "review", "label", "{x}", (" yes", " no"),
+                  labels=[1, 0])  # fmt: skip
+    by_text = {e.fields["x"]: e.label for e in [*d.eval, *d.demo_pool]}
+    assert by_text["A warm, funny film."] == 0 and by_text["Dull and far too long."] == 1
+    d = load_file(FIXTURES / "reviews.jsonl", "review", "label", "{x}", (" no", " yes"),
+                  labels=["0", "1"])  # fmt: skip
+    assert {e.fields["x"]: e.label for e in d.demo_pool + d.eval}["A warm, funny film."] == 1
 
 
 # --------------------------------------------------------------------------- demos

@@ -450,3 +450,84 @@ def test_grid_side_by_side_self_check_catches_wrong_deltas(grid_setup, monkeypat
         want = _kv(model)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- exploding losses
+
+
+@pytest.fixture(scope="module")
+def loose_setup():
+    """A toy without normalisation: at lr=1e3 its FT loss jumps from 4.0 to a finite ~900."""
+    tok = ToyTokenizer()
+    task = toy_task(2)
+    demos, _ = toy_episode(seed=5, n_demos=6, n_eval=2, tokenizer=tok)
+    model = B.toy_model(2, 32, 4, tok.vocab_size, 128, seed=4, normalization_type=None)
+    return model, tok, task, demos
+
+
+def test_exploding_finite_loss_stops_and_restores(loose_setup):
+    model, tok, task, demos = loose_setup
+    snap = snapshot(model)
+    with pytest.raises(FinetuneDivergedError) as err:
+        with finetuned(model, demos, lr=1e3, task=task, tokenizer=tok):
+            pass
+    message = str(err.value)
+    assert message.startswith("finetune loss exploded to ")
+    assert "the untouched model's loss on this demonstration" in message
+    assert message.endswith("at step 1 with lr=1000.0; use a lower learning rate (the model "
+                            "has been restored)")  # fmt: skip
+    assert_same(model, snap)
+    with finetuned(model, demos, lr=1.0, task=task, tokenizer=tok) as st:  # a sane rate trains
+        assert st.n_steps == len(demos)
+    assert_same(model, snap)
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_grid_marks_an_exploding_rate_and_trains_the_others(loose_setup, side_by_side):
+    model, tok, task, demos = loose_setup
+    snap = snapshot(model)
+    with finetuned_grid(model, demos, [0.5, 1e3], task=task, tokenizer=tok,
+                        side_by_side=side_by_side) as grid:  # fmt: skip
+        if not side_by_side:  # trained when applied
+            with pytest.raises(FinetuneDivergedError):
+                with grid.applied(1e3):
+                    pass
+        assert list(grid.diverged) == [1e3]
+        assert "exploded" in grid.diverged[1e3] and "lr=1000.0" in grid.diverged[1e3]
+        with grid.applied(0.5) as st:
+            assert st.n_steps == len(demos)
+    assert_same(model, snap)
+
+
+def test_spread_between_demonstrations_is_not_divergence():
+    """Each step's loss is another demonstration's: a hard one after an easy one is no
+    explosion. The trained toy at a negligible rate: ~1.5 nats, then ~7.2 (4.8x)."""
+    from icl_lens.toy import load_toy
+
+    model, tok, task = load_toy()
+    demos, _ = toy_episode(seed=0, n_demos=4, n_eval=1, tokenizer=tok)
+    easy = build_train_sequence(task, tok, demos[0])
+    junk = [tok.bos_token_id, *tok.encode("A B : \n : A w1 : B \n B")]
+    with finetuned(model, [easy, junk, junk], lr=1e-6) as st:
+        assert st.losses[1] > max(2 * st.losses[0], st.losses[0] + 1)
+    with finetuned_grid(model, [easy, junk, junk], [1e-6, 1e-5], side_by_side=True) as grid:
+        assert not grid.diverged and sorted(grid.states) == [1e-6, 1e-5]
+
+
+def test_explosion_rule():
+    """More than 1 nat above, and 2x the first step's loss and 1.5x the untouched model's loss
+    on the same demonstration, which is computed only when the first test trips."""
+    from icl_lens.finetune import _check_loss
+
+    def never():
+        raise AssertionError("the untouched loss was computed")
+
+    assert _check_loss(7.9, 1, 0.1, [4.0], never) is None  # below 2x the first step's
+    assert _check_loss(0.5, 1, 0.1, [0.1], never) is None  # 5x, but less than 1 nat more
+    assert _check_loss(9.0, 1, 0.1, [], never) is None  # step 0: nothing to compare with
+    assert _check_loss(9.0, 3, 0.1, [4.0, 1.0], lambda: 6.1) is None  # a hard demonstration
+    assert _check_loss(2.1, 3, 0.1, [1.0], lambda: 1.2) is None  # 1.75x, but < 1 nat more
+    err = _check_loss(9.0, 3, 0.1, [4.0, 1.0], lambda: 4.4)
+    want = "exploded to 9 (first step 4; the untouched model's loss on this demonstration 4.4)"
+    assert str(err).startswith(f"finetune loss {want} at step 3 with lr=0.1;")
+    assert "became nan" in str(_check_loss(float("nan"), 2, 0.1, [4.0], never))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from itertools import pairwise
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from icl_lens.tasks import (
     TASKS,
+    ContextWarning,
     Example,
     TaskSpec,
     _encode,
@@ -284,14 +286,33 @@ def test_fit_demos_drops_from_end(tok):
     queries = [ex(10, "short"), ex(11, "a much longer query text")]
     full = max(len(build_prompt(SST2, tok, q, DEMOS)) for q in queries)
     assert fit_demos(SST2, tok, DEMOS, queries, full) == (DEMOS, 0, full)
-    fit = fit_demos(SST2, tok, DEMOS, queries, full - 1)
+    with pytest.warns(ContextWarning):
+        fit = fit_demos(SST2, tok, DEMOS, queries, full - 1)
     assert fit.demos == DEMOS[:2] and fit.n_dropped == 1
     assert fit.longest == max(len(build_prompt(SST2, tok, q, DEMOS[:2])) for q in queries)
     assert fit.longest <= full - 1
     zs = len(build_prompt(SST2, tok, queries[1], []))
-    assert fit_demos(SST2, tok, DEMOS, queries, zs).n_dropped == 3
+    with pytest.warns(ContextWarning):
+        assert fit_demos(SST2, tok, DEMOS, queries, zs).n_dropped == 3
     with pytest.raises(ValueError, match="context is 3"):
         fit_demos(SST2, tok, DEMOS, queries, 3)
+
+
+def test_fit_demos_says_what_it_dropped(tok):
+    """Cutting demonstrations to fit the context is visible: how many of how many, and the
+    context size; keeping them all is silent."""
+    queries = [ex(10, "short"), ex(11, "a much longer query text")]
+    full = max(len(build_prompt(SST2, tok, q, DEMOS)) for q in queries)
+    with pytest.warns(ContextWarning) as record:
+        fit = fit_demos(SST2, tok, DEMOS, queries, full - 1)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert message.startswith("dropped 1 of 3 demonstrations (kept the first 2)")
+    assert f"{fit.longest} tokens, fits the model's context of {full - 1} tokens" in message
+    assert record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_demos(SST2, tok, DEMOS, queries, full)
 
 
 def test_hf_tokenizer_satisfies_protocol():
