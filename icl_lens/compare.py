@@ -285,21 +285,16 @@ def _within(diff: float, tol: float, x: float, y: float) -> bool:
     return abs(diff) <= tol + _RTOL * max(1.0, abs(x), abs(y))
 
 
+def _blank_row(task, seed, metric, variant) -> dict[str, Any]:
+    """One comparison row before anything is known (nothing compared yet)."""
+    return dict(task=task, seed=seed, metric=metric, variant=variant,
+                name=_HEADLINE[(metric, variant)], run=math.nan, reference=math.nan,
+                diff=math.nan, tolerance=math.nan, within=pd.NA, note="")  # fmt: skip
+
+
 def _seed_row(a, b, task, seed, metric, variant, provenance_notes, lr_notes) -> dict[str, Any]:
     key = (task, seed, metric, variant)
-    row: dict[str, Any] = dict(
-        task=task,
-        seed=seed,
-        metric=metric,
-        variant=variant,
-        name=_HEADLINE[(metric, variant)],
-        run=math.nan,
-        reference=math.nan,
-        diff=math.nan,
-        tolerance=math.nan,
-        within=pd.NA,
-        note="",
-    )
+    row = _blank_row(task, seed, metric, variant)
     in_a, in_b = key in a["values"], key in b["values"]
     if not (in_a and in_b):
         missing = [s for s, has in (("run", in_a), ("reference", in_b)) if not has]
@@ -340,19 +335,7 @@ def _seed_row(a, b, task, seed, metric, variant, provenance_notes, lr_notes) -> 
 
 
 def _mean_row(a, b, task, metric, variant, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = dict(
-        task=task,
-        seed="mean",
-        metric=metric,
-        variant=variant,
-        name=_HEADLINE[(metric, variant)],
-        run=math.nan,
-        reference=math.nan,
-        diff=math.nan,
-        tolerance=math.nan,
-        within=pd.NA,
-        note="",
-    )
+    row = _blank_row(task, "mean", metric, variant)
 
     def own(side):
         return {
