@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
 
 
-_FAST_PATH_FIELDS = ("shared_prefix", "self_checks")
+# Left out of ``key()``: the fast-path switches change how records are computed, not what; and
+# ``seeds`` says which (task, seed) files a call makes, not what is in any one of them (so a
+# run of --seeds 0 is resumed by a later run of --seeds 0 1 2).
+_NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class ExperimentConfig:
     lr_sensitivity: bool = True
     dual: bool = False
     # Fast-path controls: they change how records are computed, not what (the self-checks
-    # hold the fast paths to the plain ones), so they are left out of ``key()``.
+    # hold the fast paths to the plain ones), so they are left out of ``key()`` (_NOT_IN_KEY).
     shared_prefix: bool | None = None  # None: use the prefix KV cache when it passes its check
     self_checks: bool = True
 
@@ -105,7 +108,7 @@ class ExperimentConfig:
 
     def key(self) -> str:
         """A short hash of the config, to refuse resuming a run made with other settings."""
-        fields = {k: v for k, v in asdict(self).items() if k not in _FAST_PATH_FIELDS}
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

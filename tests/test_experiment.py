@@ -368,3 +368,10 @@ def test_a_diverging_baseline_ft_is_reported_not_fatal(toy_setup, monkeypatch):
         "ft_layer_causal FT diverged at lr=0.1: finetune loss exploded (test)" in row.note.iloc[0]
     )
     assert f[(f.variant == "ft_shuffled") & (f.metric == "simaou")].value.notna().any()
+
+
+def test_config_key_ignores_which_seeds_and_fast_paths_but_not_settings():
+    key = E.ExperimentConfig().key()
+    assert E.ExperimentConfig(seeds=(0,)).key() == key  # --seeds 0 is resumed by --seeds 0 1 2
+    assert E.ExperimentConfig(shared_prefix=False, self_checks=False).key() == key
+    assert E.ExperimentConfig(n_demos=16).key() != key
