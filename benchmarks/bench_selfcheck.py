@@ -17,24 +17,9 @@ import json
 import time
 
 import torch
+from bench_engine import load  # the same model and SST-2 (or toy) data as the engine bench
 
 from icl_lens.experiment import run_experiment
-
-
-def load(name: str):
-    if name == "toy":
-        from icl_lens.data import TaskData
-        from icl_lens.toy import load_toy, toy_episode
-
-        model, tok, task = load_toy()
-        pool, evals = toy_episode(0, 64, 200, tokenizer=tok)
-        return model, tok, TaskData(task, evals, pool, "toy", {})
-    from icl_lens.data import load_task_data
-    from icl_lens.models import load_model
-    from icl_lens.tasks import get_task
-
-    model = load_model(name, progress=False)
-    return model, model.tokenizer, load_task_data(get_task("sst2"), "staicc")
 
 
 def main() -> None:
