@@ -396,8 +396,10 @@ def load_file(
     values, compared as strings, in label-word order; e.g. ``["negative", "positive"]`` or
     ``[1, 2]``). A text written ``NA`` is the text "NA", not a missing value. Eval rows are
     either the ``split_column`` rows marked eval/test/validation/dev (shuffled with ``seed``,
-    capped) or the first ``eval_fraction`` of a ``seed`` permutation; the rest form the demo pool.
-    Ids are ``str(row index)``.
+    capped; the rows marked train/demo are the demo pool; values are matched case-insensitively)
+    or the first ``eval_fraction`` of a ``seed`` permutation, the rest forming the demo pool.
+    Ids are ``str(row index)``. The provenance records the file's sha256, the columns and the
+    label values, which decide (with the template and label words) whether a run is resumed.
     """
     path = Path(path)
     columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
@@ -440,17 +442,32 @@ def load_file(
         return _example(str(i), rows[i], task.text_fields, label_ids[i])
 
     if split_column:
-        split = df[split_column].astype(str).str.lower()
+        split = df[split_column].astype(str).str.strip().str.lower()
         odd = sorted(set(split) - _EVAL_SPLITS - _DEMO_SPLITS)
+        accepted = (
+            f"use {' or '.join(sorted(_DEMO_SPLITS))} for demonstrations and "
+            f"{', '.join(sorted(_EVAL_SPLITS))} for evaluation"
+        )
         if odd:
             raise ValueError(
-                f"{path}: split values {odd[:5]} unknown; use {sorted(_EVAL_SPLITS)} for eval "
-                f"and {sorted(_DEMO_SPLITS)} for demos"
+                f"{path}: column {split_column!r} has the values {odd[:5]}, which are not "
+                f"splits; {accepted}"
             )
+        for what, names in (("an evaluation", _EVAL_SPLITS), ("a demonstration", _DEMO_SPLITS)):
+            if not split.isin(names).any():
+                raise ValueError(
+                    f"{path}: no row of column {split_column!r} is in {what} split; {accepted}"
+                )
         e_rows = np.flatnonzero(split.isin(_EVAL_SPLITS).to_numpy())
         e_idx = e_rows[np.random.default_rng(seed).permutation(len(e_rows))][:cap]
         d_idx = np.flatnonzero(split.isin(_DEMO_SPLITS).to_numpy())
         carve = f"split column {split_column!r}; eval rows shuffled with default_rng({seed})"
+        present = set(split)
+        splits = {
+            "column": split_column,
+            "eval": ", ".join(sorted(present & _EVAL_SPLITS)),
+            "demo": ", ".join(sorted(present & _DEMO_SPLITS)),
+        }
     else:
         if not 0 < eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -459,11 +476,14 @@ def load_file(
             f"numpy default_rng({seed}).permutation(n); first min({cap}, "
             f"int(n*{eval_fraction})) -> eval pool, rest -> demo pool"
         )
+        splits = {"eval": "carved", "demo": "carved"}
     provenance = {
         "dataset": path.name,
         "file": str(path),
         "sha256": _sha256(path),
-        "splits": {"eval": split_column or "carved", "demo": split_column or "carved"},
+        "columns": {"text": columns, "label": label_column, "split": split_column},
+        "labels": None if labels is None else [str(v) for v in labels],
+        "splits": splits,
         "n_total": len(df),
         "seeds": {"carve": seed},
         "carve": carve,

@@ -150,10 +150,11 @@ def run_experiment(
         data = load_task_data(spec, source=source)
     name = model_name or _model_name(model)
     stack = _stack(B.tl_version_info(), name)
+    made_from = _data_identity(data, cfg)
     runs, resumed = [], []
     for seed in tqdm(cfg.seeds, desc=f"{spec.name} seeds", disable=not progress):
         path = Path(out_dir) / spec.name / f"seed{seed}.json" if out_dir else None
-        done = _load_done(path, cfg, resume, stack)
+        done = _load_done(path, cfg, resume, stack, made_from)
         if done is not None:
             runs.append(done)
             prov = done.provenance
@@ -212,14 +213,66 @@ def _stack(provenance: dict[str, Any], model: str | None = None) -> dict[str, An
     return stack
 
 
+# What must match, besides the config, for a finished run to be reused: the template and label
+# words, the data file's content (sha256) and how it was read (columns, label values), and the
+# evaluation examples (a different carve or split). Keys a source does not record are None
+# on both sides (built-in tasks have no columns; HF data has no sha256).
+_DATA_KEYS = ("sha256", "columns", "labels")
+_DATA_WHAT = {"sha256": "data file sha256", "columns": "columns", "labels": "label values",
+              "template": "template", "label_words": "label words"}  # fmt: skip
+
+
+def _data_identity(data: TaskData, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data a run of ``cfg`` on ``data`` is made from, as its provenance records it."""
+    return _recorded_data(
+        {
+            "template": data.task.template,
+            "label_words": list(data.task.label_words),
+            "data": data.provenance,
+            "eval_ids": [x.id for x in data.eval[: cfg.n_eval]],
+        }
+    )
+
+
+def _recorded_data(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The data identity recorded in a run's provenance (JSON-normalised)."""
+    source = provenance.get("data") or {}
+    found = {
+        "template": provenance.get("template"),
+        "label_words": provenance.get("label_words"),
+        **{k: source.get(k) for k in _DATA_KEYS},
+        "eval_ids": provenance.get("eval_ids"),
+    }
+    return json.loads(json.dumps(found, default=list))
+
+
+def _data_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str | None:
+    """What differs between two data identities, in words, or None."""
+    why = []
+    for key, now in ours.items():
+        was = theirs.get(key)
+        if was == now:
+            continue
+        if key == "eval_ids":
+            why.append("other evaluation examples")
+        elif key == "sha256":
+            why.append(f"{_DATA_WHAT[key]} {str(was)[:12]} (now {str(now)[:12]})")
+        else:
+            why.append(f"{_DATA_WHAT[key]} {was!r} (now {now!r})")
+    return "; ".join(why) or None
+
+
 def _load_done(path: Path | None, cfg: ExperimentConfig, resume: str = "any",
-               stack: dict[str, Any] | None = None) -> RunResult | None:  # fmt: skip
+               stack: dict[str, Any] | None = None,
+               data: dict[str, Any] | None = None) -> RunResult | None:  # fmt: skip
     """A finished run file made with the same config and a valid checksum, else None.
 
     A file that is unreadable, was edited or damaged after it was written (its checksum does
     not match), or has no checksum (written by an older icl-lens) is recomputed, with a warning
-    that names it and says why. With ``resume="same_versions"`` a run made with another model
-    or package stack than ``stack`` is recomputed too; ``"never"`` recomputes everything.
+    that names it and says why. So is one made from other data than ``data`` (see
+    :func:`_data_identity`: file content, columns, template, label words, evaluation examples),
+    whatever ``resume`` says. With ``resume="same_versions"`` a run made with another model or
+    package stack than ``stack`` is recomputed too; ``"never"`` recomputes everything.
     """
     if path is None or not path.exists() or resume == "never":
         return None
@@ -232,6 +285,12 @@ def _load_done(path: Path | None, cfg: ExperimentConfig, resume: str = "any",
     if run.provenance.get("config_key") != cfg.key():
         log.warning("%s was made with other settings; recomputing it", path)
         return None
+    if data is not None:
+        differ = _data_difference(_recorded_data(run.provenance), data)
+        if differ:
+            log.warning("not resuming %s: made from other data (%s); recomputing it", path,
+                        differ)  # fmt: skip
+            return None
     if resume == "same_versions" and stack is not None:
         theirs = _stack(run.provenance)
         differ = {k: (theirs[k], v) for k, v in stack.items() if theirs[k] != v}

@@ -158,22 +158,34 @@ def _label_word(task: TaskSpec, example: Example) -> str:
     return task.label_words[example.label]
 
 
+class LabelWordError(ValueError):
+    """Label words that are not one distinct token each. ``multi_token`` maps each word that is
+    not one token to its ids (empty when the words are single tokens but share ids)."""
+
+    def __init__(self, message: str, multi_token: dict[str, list[int]]) -> None:
+        super().__init__(message)
+        self.multi_token = multi_token
+
+
 def label_token_ids(task: TaskSpec, tokenizer: Tokenizer) -> list[int]:
-    """One token id per label word; raises if a label word is not exactly one token."""
+    """One token id per label word; raises :class:`LabelWordError` if a label word is not
+    exactly one token, or two words are the same token."""
     encoded = {w: _encode(tokenizer, w) for w in task.label_words}
     bad = {w: ids for w, ids in encoded.items() if len(ids) != 1}
     if bad:
         shown = "; ".join(f"{w!r} -> {ids}" for w, ids in bad.items())
-        raise ValueError(
+        raise LabelWordError(
             f"task {task.name!r}: label words must be single tokens, but {shown}; choose label "
             "words that are single tokens for this tokenizer, e.g. pass "
-            "label_words=(' yes', ' no') via dataclasses.replace(task, label_words=...)"
+            "label_words=(' yes', ' no') via dataclasses.replace(task, label_words=...)",
+            bad,
         )
     ids = [encoded[w][0] for w in task.label_words]
     if len(set(ids)) != len(ids):
-        raise ValueError(
+        raise LabelWordError(
             f"task {task.name!r}: label words {task.label_words} share token ids {ids}; "
-            "choose label words that map to distinct tokens"
+            "choose label words that map to distinct tokens",
+            {},
         )
     return ids
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from icl_lens import cli
+from icl_lens.cli import checks, plan
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REVIEWS = [
@@ -60,7 +62,7 @@ def fake_tasks(monkeypatch):
         ]
         return TaskData(spec, ex[:600], ex[600:], source, {"source": source})
 
-    monkeypatch.setattr(cli, "_task_data", task_data)
+    monkeypatch.setattr(plan, "_task_data", task_data)
 
 
 def toy_model(normalization_type="LN"):
@@ -147,6 +149,22 @@ def test_help_documents_every_flag():
         assert flag in text
 
 
+def test_entry_points_reach_main():
+    """The console script ``icl-lens`` and ``python -m icl_lens.cli`` both run ``main``."""
+    import importlib
+    import subprocess
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["icl-lens"]
+    module, name = target.split(":")
+    assert getattr(importlib.import_module(module), name) is cli.main
+    out = subprocess.run([sys.executable, "-m", "icl_lens.cli", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0 and "reproduce" in out.stdout, out.stderr
+
+
 def test_copies_of_names_match_their_sources():
     from icl_lens.experiment import ALL_BASELINES, ExperimentConfig
     from icl_lens.models import BUNDLES
@@ -228,7 +246,7 @@ def test_cb_offline_is_refused(capsys, no_model, tmp_path):
 def test_model_that_cannot_load_offline_is_one_line(name, hint, capsys, monkeypatch, no_model,
                                                      tmp_path):  # fmt: skip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cli, "_hf_cache_has_models", lambda: False)
+    monkeypatch.setattr(checks, "_hf_cache_has_models", lambda: False)
     assert cli.main(["reproduce", "--model", name, "--out", str(tmp_path)]) == 2
     err = one_line(capsys)
     assert f"--model {name!r}" in err and "HF_HUB_OFFLINE is set" in err
@@ -238,22 +256,22 @@ def test_model_that_cannot_load_offline_is_one_line(name, hint, capsys, monkeypa
 
 def test_tl_name_offline_needs_its_checkpoint_in_the_hf_cache(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cli, "_hf_cache_has_models", lambda: True)
-    monkeypatch.setattr(cli, "_tl_checkpoint_cached", lambda name: False)
+    monkeypatch.setattr(checks, "_hf_cache_has_models", lambda: True)
+    monkeypatch.setattr(checks, "_tl_checkpoint_cached", lambda name: False)
     with pytest.raises(cli.UsageError, match="'gpt2' is a TransformerLens name, which needs"):
-        cli._check_model("gpt2")
-    monkeypatch.setattr(cli, "_tl_checkpoint_cached", lambda name: True)
-    cli._check_model("gpt2")  # loadable from the cache
+        checks._check_model("gpt2")
+    monkeypatch.setattr(checks, "_tl_checkpoint_cached", lambda name: True)
+    checks._check_model("gpt2")  # loadable from the cache
 
 
 def test_model_names_online(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: True)
-    cli._check_model("gpt2")
-    cli._check_model("gemma-3-270m")
+    monkeypatch.setattr(checks, "_hub_reachable", lambda timeout=3.0: True)
+    checks._check_model("gpt2")
+    checks._check_model("gemma-3-270m")
     with pytest.raises(cli.UsageError, match="unknown model 'no-such-model-xyz'"):
-        cli._check_model("no-such-model-xyz")
+        checks._check_model("no-such-model-xyz")
 
 
 def test_model_paths(tmp_path, capsys, no_model):
@@ -267,7 +285,7 @@ def test_model_paths(tmp_path, capsys, no_model):
 
 
 def test_unknown_model_is_one_line(capsys, monkeypatch, no_model, tmp_path):
-    monkeypatch.setattr(cli, "_hf_cache_has_models", lambda: False)
+    monkeypatch.setattr(checks, "_hf_cache_has_models", lambda: False)
     code = cli.main(["reproduce", "--model", "no-such-model-xyz", "--out", str(tmp_path)])
     assert code == 2
     assert "the offline bundles are" in one_line(capsys)
@@ -281,7 +299,7 @@ def test_source_hf_without_network_fails_at_once(capsys, monkeypatch, no_model, 
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(checks, "_hub_reachable", lambda timeout=3.0: False)
 
     def no_download(*args):
         raise RunStarted("tried to download")
@@ -318,7 +336,7 @@ def test_hub_probe_is_fast_and_asks_the_configured_endpoint(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's offline mode, undone
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: closed
     start = time.perf_counter()
-    assert cli._hub_reachable(timeout=2.0) is False
+    assert checks._hub_reachable(timeout=2.0) is False
     assert time.perf_counter() - start < 2.6
 
     class Quiet(http.server.BaseHTTPRequestHandler):
@@ -333,7 +351,7 @@ def test_hub_probe_is_fast_and_asks_the_configured_endpoint(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        assert cli._hub_reachable(timeout=5.0) is True
+        assert checks._hub_reachable(timeout=5.0) is True
     finally:
         server.shutdown()
 
@@ -504,7 +522,13 @@ def _write(tmp_path, name, text):
         ("with tasks", "--data runs the one task in your file; drop --tasks"),
         ("with source", "drop it with --data"),
         ("stray", "--template describes a --data file; add --data PATH"),
-        ("pool", "has 5 examples, fewer than --n-demos 32 (the default)"),
+        ("pool", "has 6 examples, fewer than --n-demos 32 (the default)"),  # the train rows
+        (
+            "split value",
+            "column 'split' has the values ['holdout'], which are not splits; use demo or "
+            "train for demonstrations and dev, eval, test, valid, validation for evaluation",
+        ),
+        ("no eval rows", "no row of column 'split' is in an evaluation split; use demo or train"),
         ("no heldout", "no demonstration-pool example is left to choose the learning rate"),
         ("builtin name", "a built-in task's name"),
     ],
@@ -545,8 +569,12 @@ def test_data_problems_are_one_line_before_the_model_loads(case, why, tmp_path, 
         argv = ["--template", "{text}"]
     elif case == "pool":
         pass
+    elif case == "split value":
+        argv[1] = _write(tmp_path, "held.csv", csv.replace("positive,eval", "positive,holdout"))
+    elif case == "no eval rows":
+        argv[1] = _write(tmp_path, "train.csv", csv.replace(",eval", ",train"))
     elif case == "no heldout":
-        tail += ["--n-demos", "5"]
+        tail += ["--n-demos", "6"]
     elif case == "builtin name":
         argv[1] = _write(tmp_path, "sst2.csv", csv)
     if case not in ("pool", "no heldout"):
@@ -565,6 +593,11 @@ def test_data_checks_with_the_tokenizer_run_before_any_computation(monkeypatch, 
     assert cli.main(two_tokens) == 2
     err = one_line(capsys)
     assert "--label-words: ' Very negative' is 2 tokens for this model's tokenizer" in err
+    shared = list(argv)  # the toy reads both unknown words as <unk>: one token, the same
+    shared[shared.index("negative= Negative")] = "negative= Foo"
+    shared[shared.index("positive= Positive")] = "positive= Bar"
+    assert cli.main(shared) == 2
+    assert "[' Foo', ' Bar'] share a token for this model's tokenizer" in one_line(capsys)
     long = tmp_path / "long.csv"
     text = " ".join(["word"] * 200)
     rows = [f"{text} {i},positive\nshort {i},negative" for i in range(5)]
@@ -573,3 +606,58 @@ def test_data_checks_with_the_tokenizer_run_before_any_computation(monkeypatch, 
     assert cli.main(argv) == 2
     err = one_line(capsys)
     assert "tokens in the template" in err and "more than the model's context of 128" in err
+
+
+def test_data_split_column_decides_demos_and_eval(monkeypatch, tmp_path):
+    """A column named split: train rows are the demonstration pool, test / validation / dev /
+    eval rows (any case) are evaluated on, and the provenance says so; without it, half and
+    half as before."""
+    use_model(monkeypatch, toy_model())
+    seen: dict = {}
+    fake_run(monkeypatch, seen)
+    tail = ["--out", str(tmp_path / "out"), *SMALL]
+    with pytest.raises(RunStarted):
+        cli.main(["reproduce", *REVIEWS, *tail])
+    data = seen["data"]
+    assert sorted(int(e.id) for e in data.eval) == [6, 7, 8, 9]
+    assert [e.id for e in data.demo_pool] == [str(i) for i in range(6)]
+    assert data.provenance["splits"] == {"column": "split", "eval": "eval", "demo": "train"}
+    csv = (FIXTURES / "reviews.csv").read_text().splitlines()
+    values = ["Train", "train ", "TRAIN", "train", "train", "train", "Test", "validation", "dev",
+              "eval"]  # fmt: skip
+    rows = [line.rsplit(",", 1)[0] + "," + v for line, v in zip(csv[1:], values, strict=True)]
+    argv = list(REVIEWS)
+    argv[1] = _write(tmp_path, "mixed.csv", "\n".join([csv[0], *rows]) + "\n")
+    with pytest.raises(RunStarted):
+        cli.main(["reproduce", *argv, *tail])
+    data = seen["data"]
+    assert sorted(int(e.id) for e in data.eval) == [6, 7, 8, 9] and len(data.demo_pool) == 6
+    assert data.provenance["splits"]["eval"] == "dev, eval, test, validation"
+    argv[1] = _write(tmp_path, "nosplit.csv", "\n".join(r.rsplit(",", 1)[0] for r in csv) + "\n")
+    with pytest.raises(RunStarted):
+        cli.main(["reproduce", *argv, *tail])
+    data = seen["data"]
+    assert data.provenance["splits"] == {"eval": "carved", "demo": "carved"}
+    assert len(data.eval) == len(data.demo_pool) == 5
+
+
+def test_data_resume_recomputes_when_the_data_changes(monkeypatch, tmp_path, capsys, caplog):
+    """A finished run is resumed only for the same data: a file of the same name with one row
+    changed, or another template, is recomputed, with a warning that says why."""
+    use_model(monkeypatch, toy_model())
+    path = tmp_path / "data" / "reviews.csv"
+    path.parent.mkdir()
+    path.write_text((FIXTURES / "reviews.csv").read_text())
+    argv = list(REVIEWS)
+    argv[1] = str(path)
+    argv = ["reproduce", *argv, *SMALL, "--lr", "0.01", "--out", str(tmp_path), "--no-figures"]
+    assert cli.main(argv) == 0
+    assert "computed all 1 runs (none resumed)" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert "resumed 1 of 1 runs" in capsys.readouterr().out
+    path.write_text(path.read_text().replace("Dull and far too long.", "Dull and far too slow."))
+    with caplog.at_level(logging.WARNING, logger="icl_lens.experiment"):
+        assert cli.main(argv) == 0
+    assert "computed all 1 runs (none resumed)" in capsys.readouterr().out
+    assert "made from other data (data file sha256" in caplog.text
+    assert "reviews" in caplog.text and "recomputing it" in caplog.text

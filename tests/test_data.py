@@ -275,6 +275,9 @@ def test_load_csv_with_split_column_and_string_labels():
     assert [e.id for e in d.demo_pool] == [str(i) for i in range(6)]
     assert d.demo_pool[0] == Example("0", {"x": "A warm, funny film."}, 1)
     assert d.provenance["n_total"] == 10
+    assert d.provenance["splits"] == {"column": "split", "eval": "eval", "demo": "train"}
+    assert d.provenance["columns"] == {"text": ["review"], "label": "sentiment", "split": "split"}
+    assert d.provenance["labels"] == ["negative", "positive"]
 
 
 def test_load_jsonl_with_eval_fraction():

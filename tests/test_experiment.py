@@ -333,6 +333,44 @@ def test_resume_reuses_only_runs_of_the_same_stack_unless_asked(tmp_path, caplog
     assert E._load_done(path, cfg, "any", now).rows[0]["value"] == 0.75
 
 
+def test_resume_needs_the_same_data(tmp_path, caplog):
+    """A finished run is reused only when it was made from the same data: the file's content,
+    its columns and label values, the template, the label words, the evaluation examples."""
+    from pathlib import Path
+
+    from icl_lens.data import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "reviews.csv"
+    words = (" Negative", " Positive")
+
+    def load(template="Review: {x} Sentiment:", labels=("negative", "positive"), **kw):
+        return load_file(fixture, "review", "sentiment", template, kw.pop("words", words),
+                         labels=list(labels), split_column="split", **kw)  # fmt: skip
+
+    cfg = E.ExperimentConfig(n_eval=4)
+    data = load()
+    path = tmp_path / "reviews" / "seed0.json"
+    prov = {"config_key": cfg.key(), "template": data.task.template,
+            "label_words": list(data.task.label_words), "data": data.provenance,
+            "eval_ids": [x.id for x in data.eval[:4]]}  # fmt: skip
+    atomic_write_json(path, RunResult("reviews", 0, [], json.loads(json.dumps(prov)), {}).to_json())
+    assert E._load_done(path, cfg, "any", None, E._data_identity(data, cfg)) is not None
+    other = [
+        ("template 'Review: {x} Sentiment:' (now 'Text: {x} Sentiment:')",
+         load("Text: {x} Sentiment:")),
+        ("label words [' Negative', ' Positive'] (now [' Positive', ' Negative'])",
+         load(labels=("positive", "negative"), words=words[::-1])),  # same mapping, reordered
+        ("label values ['negative', 'positive'] (now ['positive', 'negative'])",
+         load(labels=("positive", "negative"))),
+        ("other evaluation examples", load(seed=2)),
+    ]  # fmt: skip
+    for why, changed in other:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=E.log.name):
+            assert E._load_done(path, cfg, "any", None, E._data_identity(changed, cfg)) is None
+        assert f"made from other data ({why}" in caplog.text, caplog.text
+
+
 def test_run_experiment_lists_what_it_resumed(toy_setup, tmp_path):
     model, tok, data = toy_setup
     kw = {**FAST, "baselines": (), "lr": 0.1, "lr_sensitivity": False}

@@ -15,6 +15,7 @@ from icl_lens.tasks import (
     TASKS,
     ContextWarning,
     Example,
+    LabelWordError,
     TaskSpec,
     _encode,
     build_prefix,
@@ -151,6 +152,8 @@ def test_label_word_error_names_word_and_fix(tok):
     assert str(tok.encode(" very bad")) in msg
     assert "single tokens for this tokenizer" in msg and "label_words=" in msg
     assert "\n" not in msg
+    assert isinstance(err.value, LabelWordError)
+    assert err.value.multi_token == {" very bad": tok.encode(" very bad")}
 
 
 def _check_spans(prompt, task, tok, query, demos):
