@@ -10,6 +10,7 @@ similarities across the whole learning-rate grid.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -139,6 +140,7 @@ def run_experiment(
     reused is listed in ``Results.resumed``.
     """
     B.check_model(model)
+    git_revision()  # pin the revision of the code now imported (see its docstring)
     if resume not in RESUME:
         raise ValueError(f"resume={resume!r}; choose one of {RESUME}")
     cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds), **config)
@@ -731,8 +733,13 @@ def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
                             kind=out.kind(name), lr=lr)  # fmt: skip
 
 
+@functools.cache
 def git_revision() -> str | None:
-    """The icl-lens source commit when run from a git checkout ('+dirty' if modified)."""
+    """The icl-lens source commit when run from a git checkout ('+dirty' if modified).
+
+    Read once per process (``run_experiment`` reads it before any work), so a file written
+    hours later still names the code that was imported, not a checkout changed meanwhile.
+    """
     import subprocess
 
     root = Path(icl_lens.__file__).resolve().parent.parent
