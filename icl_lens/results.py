@@ -41,11 +41,15 @@ CHECKSUM = "checksum"
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
+    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=_jsonable)
             f.write("\n")
@@ -53,6 +57,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(x: Any) -> Any:

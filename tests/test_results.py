@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -168,3 +169,13 @@ def test_files_without_a_checksum_load_for_reading_only(tmp_path):
     committed = ROOT / "results" / "reference" / "gemma-3-270m"
     if committed.is_dir():  # written before checksums: still readable for tables and figures
         assert len(Results.load(committed)) > 0
+
+
+def test_results_files_get_the_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))
