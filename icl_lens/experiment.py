@@ -39,6 +39,7 @@ from icl_lens.results import Results, RunResult, atomic_write_json
 from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task, label_token_ids
 
 log = logging.getLogger(__name__)
+UNSTABLE_RISE = 1.1  # an FT whose loss rises above 1.1x its first value is flagged (_loss_rise)
 
 ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
 
@@ -480,6 +481,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
 
     _classification(ctx, zs, icl, ft, spec.n_labels)
     _similarities(ctx, zs, icl, ft, ft_state, "ft", lr)
+    _loss_rise(ctx, "ft", ft_state)
     _release(ft_state)
     _random_baselines(ctx, zs, icl, seed)
     if cfg.lr_sensitivity:
@@ -495,6 +497,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
             with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
                 extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
             _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
+            _loss_rise(ctx, "ft_layer_causal", st)
             _release(st)
     if "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1:
         shuffled = shuffle_labels(demos, seed)
@@ -502,6 +505,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
             with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
                 extra["ft_shuffled"] = run(model, zs_prompts, "ft")
             _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
+            _loss_rise(ctx, "ft_shuffled", st)
             _release(st)
     for variant, rec in extra.items():
         ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
@@ -621,6 +625,32 @@ def _baseline_ft(ctx: _Ctx, variant: str, lr: float) -> Iterator[None]:
                 note=f"{variant} FT diverged at lr={lr:g}: {e}")  # fmt: skip
 
 
+def _loss_rise(ctx: _Ctx, variant: str, state) -> None:
+    """How far an FT's loss rose above its first step's: a diagnostic row, and a warning when
+    it rose by more than ``UNSTABLE_RISE``.
+
+    A rise means the rate is near the edge of stability for that model (e.g. the untrained
+    baseline at the trained model's rate). There the trajectory amplifies rounding: on
+    Gemma-3-270m two fp32 implementations of the same loss (one-pass vocabulary vs autograd
+    log-softmax, equal to 1e-4 at step 0) gave SimAOU 0.40 vs 0.48 for the untrained
+    baseline, so such a variant's values carry more than their bootstrap CI says.
+    """
+    losses = [float(x) for x in (state.losses if state is not None else [])]
+    if len(losses) < 2 or not all(math.isfinite(x) for x in losses) or losses[0] <= 0:
+        return
+    step = max(range(len(losses)), key=losses.__getitem__)
+    ratio = losses[step] / losses[0]
+    ctx.add("ft_loss_max_over_first", variant, ratio, kind="diagnostic", lr=state.lr,
+            n=len(losses))  # fmt: skip
+    if ratio > UNSTABLE_RISE:
+        ctx.diagnostics.setdefault("ft_unstable", {})[variant] = {
+            "first_loss": losses[0], "max_loss": losses[step], "max_step": step,
+            "ratio": ratio}  # fmt: skip
+        log.warning("%s seed %d: the %s FT's loss rose to %.2fx its first value (step %d of "
+                    "%d): near the edge of stability its values are sensitive to rounding",
+                    ctx.task, ctx.seed, variant, ratio, step, len(losses))  # fmt: skip
+
+
 def _release(state) -> None:
     """Drop an FT state's per-token queries once Kendall has used them (memory)."""
     if state is not None:
@@ -713,6 +743,7 @@ def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, 
         with finetuned(base, demos, lr, task=spec, tokenizer=tok, mode=ctx.cfg.ft_mode) as st:
             ft = run(base, zs_prompts, "ft")
     _similarities(ctx, zs, icl, ft, st, "untrained", lr)
+    _loss_rise(ctx, "untrained", st)
     for variant, rec in (("untrained_zs", zs), ("untrained_icl", icl), ("untrained_ft", ft)):
         ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
                 n=len(rec))  # fmt: skip

@@ -413,3 +413,17 @@ def test_config_key_ignores_which_seeds_and_fast_paths_but_not_settings():
     assert E.ExperimentConfig(seeds=(0,)).key() == key  # --seeds 0 is resumed by --seeds 0 1 2
     assert E.ExperimentConfig(shared_prefix=False, self_checks=False).key() == key
     assert E.ExperimentConfig(n_demos=16).key() != key
+
+
+def test_an_ft_whose_loss_rises_is_flagged_and_a_falling_one_is_not(caplog):
+    from types import SimpleNamespace
+
+    ctx = E._Ctx("sst2", "toy", 0, E.ExperimentConfig())
+    with caplog.at_level(logging.WARNING, logger="icl_lens.experiment"):
+        E._loss_rise(ctx, "ft", SimpleNamespace(losses=[3.0, 2.5, 2.0], lr=1e-3))
+        E._loss_rise(ctx, "untrained", SimpleNamespace(losses=[30.0, 31.0, 42.0, 20.0], lr=1e-4))
+    rows = {r["variant"]: r["value"] for r in ctx.rows if r["metric"] == "ft_loss_max_over_first"}
+    assert rows == {"ft": pytest.approx(1.0), "untrained": pytest.approx(1.4)}
+    assert list(ctx.diagnostics["ft_unstable"]) == ["untrained"]
+    assert ctx.diagnostics["ft_unstable"]["untrained"]["max_step"] == 2
+    assert "untrained FT's loss rose to 1.40x" in caplog.text and "the ft FT" not in caplog.text
