@@ -23,14 +23,22 @@ baseline) through ``run_experiment`` and prints, measured side by side in this o
   kernels can beat; ``floor / bound`` is the machine's share of the ratio, ``wall / floor``
   the implementation's.
 
+With ``--dtypes float32 bfloat16`` the same (task, seed) runs once per dtype, one after the
+other in this process (the model loaded in that dtype; matmul rates measured in it), and a
+last table sets them side by side: the wall-time ratio, each dtype's FLOP bound and matmul
+floor, and every headline metric's difference from the first dtype next to the bootstrap CI
+half-widths of both (a difference inside them is noise the protocol already reports).
+
     python benchmarks/bench_flops.py                       # sst2, 500 queries (~10 min)
     python benchmarks/bench_flops.py --n-eval 100 --task mr
+    python benchmarks/bench_flops.py --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import resource
 import time
 
@@ -39,21 +47,46 @@ import torch
 from icl_lens import backend as B
 from icl_lens import experiment as E
 from icl_lens import finetune as F
+from icl_lens.checks import model_dtype
 from icl_lens.data import load_task_data
 from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
 from icl_lens.tasks import build_prompt, build_train_sequence
 
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE = torch.device("cpu")  # where the matmul rates are measured (--device)
+SQUARE = 2048  # the large square matmul of the throughput readings (--square)
 
-def matmul_gflops(d_model: int, d_mlp: int, seconds: float = 2.0) -> float:
-    """Best fp32 matmul throughput over the model's MLP shape and a large square."""
+
+def _sync() -> None:
+    """Wait for the device's queued work (timings of asynchronous devices)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+# (metric, variant) of the layer-mean rows compared across dtypes
+HEADLINE = (
+    ("accuracy", "zs"), ("accuracy", "icl"), ("accuracy", "ft"), ("rec2ftp", "ft"),
+    ("simaou", "ft"), ("simaou_orthogonal", "ft"), ("simaou_null", "ft"),
+    ("simam_before", "icl_vs_zs"), ("simam_after", "ft"), ("simam_delta", "ft"),
+    ("kendall_token", "ft"), ("simaou", "untrained"), ("simaou", "ft_shuffled"),
+    ("simaou", "ft_layer_causal"), ("simaou", "uniform"),
+)  # fmt: skip
+
+
+def matmul_gflops(d_model: int, d_mlp: int, seconds: float = 2.0,
+                  dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+    """Best ``dtype`` matmul throughput over the model's MLP shape and a large square."""
     best = 0.0
-    for m, k, n in ((512, d_model, d_mlp), (512, d_mlp, d_model), (2048, 2048, 2048)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+    for m, k, n in ((512, d_model, d_mlp), (512, d_mlp, d_model), (SQUARE, SQUARE, SQUARE)):
+        a = torch.randn(m, k, dtype=dtype, device=DEVICE)
+        b = torch.randn(k, n, dtype=dtype, device=DEVICE)
         a @ b  # warm-up
+        _sync()
         reps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
             a @ b
+            _sync()
             reps += 1
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
     return best
@@ -149,18 +182,23 @@ def layer_matmul_shapes(model) -> list[tuple[int, int]]:
 def _rate(fn, flops: float, seconds: float) -> float:
     """GFLOP/s of ``fn`` (best of repeated calls for ``seconds``)."""
     fn()
+    _sync()
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return flops / best / 1e9
 
 
-def block_rate(shapes, rows: int, backward: bool, seconds: float = 0.6) -> float:
+def block_rate(shapes, rows: int, backward: bool, seconds: float = 0.6,
+               dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
     """GFLOP/s of one block's weight matmuls at ``rows`` rows (plus, with ``backward``, the
-    activation-gradient products dY·Wᵀ), measured here."""
-    mats = [(torch.randn(rows, k), torch.randn(k, n), torch.randn(rows, n)) for k, n in shapes]
+    activation-gradient products dY·Wᵀ), measured here in ``dtype``."""
+    kw = dict(dtype=dtype, device=DEVICE)
+    mats = [(torch.randn(rows, k, **kw), torch.randn(k, n, **kw), torch.randn(rows, n, **kw))
+            for k, n in shapes]  # fmt: skip
 
     def run():
         for x, w, dy in mats:
@@ -176,7 +214,7 @@ def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
     """GFLOP/s of the FT loss's one-pass vocabulary product (logits and their gradient) at
     ``rows`` rows, with the model's own unembedding."""
     d = B.dims(model)
-    h = torch.randn(rows, d.d_model)
+    h = torch.randn(rows, d.d_model, dtype=model.unembed.W_U.dtype, device=B.input_device(model))
     targets = torch.zeros(rows, dtype=torch.long)
     weight = torch.ones(rows)
     return _rate(lambda: F._vocab_loss(model, h, targets, weight),
@@ -190,6 +228,7 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
     activations or memory traffic besides the matmuls' own: no implementation can be faster
     with these matmul kernels, so ``floor / bound`` is what this machine allows."""
     shapes = layer_matmul_shapes(model)
+    dtype = model_dtype(model)
     tok, runs, n_layers = need["tokens"], need["runs"], B.dims(model).n_layers
     n_eval, batch_size = need["n_eval"], cfg["batch_size"]
     train_len = max(1, round(tok["train"] / max(1, need["demos"])))
@@ -199,7 +238,7 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
     for key, (plain, vocab_flops) in need["stages"].items():
         if key.startswith("capture"):
             rows = icl_rows if key.endswith("icl") else zs_rows
-            floor[key] = plain / (block_rate(shapes, rows, False) * 1e9)
+            floor[key] = plain / (block_rate(shapes, rows, False, dtype=dtype) * 1e9)
             continue
         mode = key.split()[-1]
         lc = mode == "layer_causal"
@@ -214,7 +253,7 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
         for count, rows in ((grouped, grid_rows * train_len), (n_runs - grouped, train_len)):
             if count:
                 v_rows = rows * (n_layers if lc else 1)
-                seconds += count * per_run / (block_rate(shapes, rows, True) * 1e9)
+                seconds += count * per_run / (block_rate(shapes, rows, True, dtype=dtype) * 1e9)
                 seconds += count * per_run_v / (vocab_rate(model, v_rows) * 1e9)
         floor[key] = seconds
     return floor
@@ -241,6 +280,16 @@ class StageTimer:
         probe_start = time.perf_counter()
         self.readings.append(self._probe())
         self.probe_seconds += time.perf_counter() - probe_start
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The timed wrappers in place for the block; the originals back afterwards."""
+        saved = E.capture, E.finetuned, E.finetuned_grid, F.finetuned
+        self.install()
+        try:
+            yield self
+        finally:
+            E.capture, E.finetuned, E.finetuned_grid, F.finetuned = saved
 
     def install(self) -> None:
         capture, finetuned, finetuned_grid = E.capture, E.finetuned, E.finetuned_grid
@@ -271,45 +320,39 @@ class StageTimer:
         F.finetuned = timed_finetuned  # a grid that trains each rate when applied calls this
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--task", default="sst2")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-eval", type=int, default=500)
-    ap.add_argument("--n-demos", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+def measure(args, dtype_name: str, data) -> dict:
+    """One (task, seed) with the model loaded in ``dtype_name``: prints the report, returns
+    what the cross-dtype table needs."""
+    dtype = getattr(torch, dtype_name)
+    model = load_model(args.model, dtype=dtype, device=args.device, progress=False)
     d = B.dims(model)
     counts = param_counts(model)
     vocab = d.d_vocab
     d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d.d_model)
-    tput = [matmul_gflops(d.d_model, d_mlp)]
-    data = load_task_data(args.task)
-    timer = StageTimer(lambda: matmul_gflops(d.d_model, d_mlp, seconds=0.6))
-    timer.install()
-    start = time.perf_counter()
-    res = run_experiment(model, args.task, args.n_demos, args.n_eval, seeds=(args.seed,), data=data,
-                         model_name=args.model, progress=False)  # fmt: skip
-    wall = time.perf_counter() - start - timer.probe_seconds
-    tput.append(matmul_gflops(d.d_model, d_mlp))
+    tput = [matmul_gflops(d.d_model, d_mlp, dtype=dtype)]
+    timer = StageTimer(lambda: matmul_gflops(d.d_model, d_mlp, seconds=0.6, dtype=dtype))
+    with timer.installed():
+        start = time.perf_counter()
+        res = run_experiment(model, args.task, args.n_demos, args.n_eval, seeds=(args.seed,),
+                             data=data, model_name=args.model, progress=False)  # fmt: skip
+        wall = time.perf_counter() - start - timer.probe_seconds
+    tput.append(matmul_gflops(d.d_model, d_mlp, dtype=dtype))
     need = needed_flops(res.runs[0], data, model.tokenizer, counts, d.d_model, vocab, d.n_layers)
     vocab_flops = need["vocab_flops"]
     best = max(tput + timer.readings)
     bound = need["flops"] / (best * 1e9)
     bound_v = (need["flops"] + vocab_flops) / (best * 1e9)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model_mb = counts["total"] * 4 / 2**20
+    model_mb = counts["total"] * dtype.itemsize / 2**20
+    print(f"=== dtype {dtype_name} ===")
     print(
         f"model={args.model} params={counts['total'] / 1e6:.1f}M "
         f"non-embedding={counts['non_embedding'] / 1e6:.1f}M kv={counts['kv'] / 1e6:.2f}M "
         f"task={args.task} seed={args.seed} n_demos={args.n_demos} n_eval={args.n_eval} "
-        f"threads={args.threads}"
+        f"threads={args.threads} dtype={dtype_name} device={args.device}"
     )
     print(f"tokens {need['tokens']} runs {need['runs']}")
-    print(f"matmul throughput (best of model shapes / 2048^3, before, after): "
+    print(f"{dtype_name} matmul throughput (best of model shapes / {SQUARE}^3, before, after): "
           f"{tput[0]:.1f}, {tput[1]:.1f} GFLOP/s; {len(timer.readings)} readings between "
           f"stages: {min(timer.readings):.1f}-{max(timer.readings):.1f}; bound uses "
           f"{best:.1f}")  # fmt: skip
@@ -324,15 +367,104 @@ def main() -> None:
         ratios = f"{seconds / b:.2f}x; {seconds / bv:.2f}x" if b else "not in the bound"
         print(f"      {key:<22} {seconds:7.1f}s vs {b:6.1f}s; {bv:6.1f}s  ({ratios})")
     print(f"      {'everything else':<22} {wall - sum(timer.seconds.values()):7.1f}s")
-    print(f"(b) peak RSS {rss_mb:.0f} MB; fp32 model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")
+    print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far); {dtype_name} model "
+          f"{model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip
     cfg = res.runs[0].provenance["config"]
     floor = matmul_floor(model, need, cfg, timer.grid_rows)
     total = sum(floor.values())
     print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
-          f"(each FLOP above at the rate measured for its own matmul shapes)")  # fmt: skip
+          f"(each FLOP above at the {dtype_name} rate measured for its own matmul "
+          "shapes)")  # fmt: skip
     print(f"    wall / floor {wall / total:.2f}x (what the implementation adds); by stage:")
     for key, seconds in sorted(floor.items()):
         print(f"      {key:<22} floor {seconds:6.1f}s  wall {timer.seconds.get(key, 0.0):6.1f}s")
+    out = {"wall": wall, "bound": bound, "bound_vocab": bound_v, "floor": total,
+           "gflops": best, "lr": res.runs[0].provenance["lr"],
+           "fast_paths": res.runs[0].provenance["fast_paths"]["ft"],
+           "rows": _headline_rows(res)}  # fmt: skip
+    del model, res
+    gc.collect()
+    return out
+
+
+def _headline_rows(res) -> dict:
+    """(metric, variant) -> (value, CI half-width) of the layer-mean rows in HEADLINE."""
+    out = {}
+    for row in res.runs[0].rows:
+        key = (row["metric"], row["variant"])
+        if row["layer"] != "mean" or key not in HEADLINE or row["kind"] == "lr_grid":
+            continue
+        lo, hi = row["ci_low"], row["ci_high"]
+        half = None if lo is None or hi is None else (hi - lo) / 2
+        out[key] = (row["value"], half)
+    return out
+
+
+def _fmt(x, spec: str = "+.4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def compare(legs: dict[str, dict]) -> None:
+    """The dtypes side by side: time, bound, floor, and each headline metric's difference from
+    the first dtype next to both bootstrap CI half-widths."""
+    names = list(legs)
+    ref = names[0]
+    print(f"=== {' vs '.join(names)} (reference {ref}) ===")
+    print(f"{'dtype':<10} {'wall s':>8} {'vs ' + ref:>10} {'bound s':>8} {'floor s':>8} "
+          f"{'GFLOP/s':>8} {'lr':>8} side-by-side")  # fmt: skip
+    for name in names:
+        leg = legs[name]
+        fp = leg["fast_paths"]
+        how = "yes" if fp.get("side_by_side") else f"no ({fp.get('side_by_side_fallback')})"
+        print(f"{name:<10} {leg['wall']:8.1f} {leg['wall'] / legs[ref]['wall']:9.2f}x "
+              f"{leg['bound']:8.1f} {leg['floor']:8.1f} {leg['gflops']:8.1f} "
+              f"{leg['lr']:8.0e} {how}")  # fmt: skip
+    for name in names[1:]:
+        a, b = legs[ref]["rows"], legs[name]["rows"]
+        print(f"headline metrics, {name} - {ref} (CI half-widths: {ref}, {name}; * = the "
+              "difference exceeds the smaller):")  # fmt: skip
+        for key in HEADLINE:
+            if key not in a and key not in b:
+                continue
+            (va, ha), (vb, hb) = a.get(key, (None, None)), b.get(key, (None, None))
+            diff = None if va is None or vb is None else vb - va
+            widths = [h for h in (ha, hb) if h is not None]
+            flag = "*" if diff is not None and widths and abs(diff) > min(widths) else " "
+            print(f"  {key[0] + ' ' + key[1]:<28} {ref} {_fmt(va, '.4f'):>7} {name} "
+                  f"{_fmt(vb, '.4f'):>7} diff {_fmt(diff):>8}{flag} half-widths "
+                  f"{_fmt(ha, '.4f')}, {_fmt(hb, '.4f')}")  # fmt: skip
+        if legs[ref]["lr"] != legs[name]["lr"]:
+            print(f"  (the held-out accuracy chose lr {legs[name]['lr']:g} in {name}, "
+                  f"{legs[ref]['lr']:g} in {ref}: FT rows compare different rates)")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--n-demos", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--square", type=int, default=2048,
+                    help="size of the square matmul in the throughput readings (smaller: a "
+                    "quicker smoke run on a CPU without bf16 units)")  # fmt: skip
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=DTYPES,
+        help="run the same (task, seed) in each, then compare them to the first",
+    )
+    args = ap.parse_args()
+    global DEVICE, SQUARE
+    DEVICE, SQUARE = torch.device(args.device), args.square
+    torch.set_num_threads(args.threads)
+    data = load_task_data(args.task)
+    legs = {name: measure(args, name, data) for name in dict.fromkeys(args.dtypes)}
+    if len(legs) > 1:
+        compare(legs)
 
 
 if __name__ == "__main__":

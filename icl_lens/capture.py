@@ -343,10 +343,14 @@ class _Pass:
     def __init__(self, model: nn.Module, d: B.ModelDims, label_ids: list[int], demo_pos: list):
         self.model, self.d, self.label_ids, self.demo_pos = model, d, label_ids, demo_pos
         w_u, b_u = B.unembed_rows(model, label_ids)
-        self.w_u, self.b_u = w_u.detach(), None if b_u is None else b_u.detach()
+        self.dtype = w_u.dtype  # the model's: its self-checks' tolerance
+        # the label words' logits in fp32 at least (a half-precision model's own logits are
+        # rounded to a few digits: ties and flipped predictions between close label words)
+        wide = torch.promote_types(w_u.dtype, torch.float32)
+        self.w_u = w_u.detach().to(wide)
+        self.b_u = None if b_u is None else b_u.detach().to(wide)
         self.cap = B.logit_soft_cap(model)
         self.scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
-        self.dtype = self.w_u.dtype
         self.from_model_logits = False  # set when the label-column path fails its check
 
     def label_logits(self, x: Tensor) -> Tensor:

@@ -54,3 +54,31 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
 def warn(message: str, stacklevel: int = 3) -> None:
     """Emit a ``FastPathWarning`` (one line, naming the cause and what runs instead)."""
     warnings.warn(message, FastPathWarning, stacklevel=stacklevel)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: that of its first floating-point parameter (fp32 if
+    it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype updates of a ``dtype`` tensor are accumulated in: at least fp32, so that
+    small steps of a half-precision weight are not rounded away."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rel_l2(a, b) -> float:
+    """``‖a − b‖ / ‖b‖`` over tensors (or lists of tensors taken together), in float64; 0 when
+    both are 0, inf when only ``b`` is."""
+    a = [a] if isinstance(a, Tensor) else list(a)
+    b = [b] if isinstance(b, Tensor) else list(b)
+    num = sum(float((x.detach().double().cpu() - y.detach().double().cpu()).pow(2).sum())
+              for x, y in zip(a, b, strict=True))  # fmt: skip
+    den = sum(float(y.detach().double().cpu().pow(2).sum()) for y in b)
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return (num / den) ** 0.5

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
+from icl_lens.checks import rel_l2, tolerance
 
 GROUPS = ("query", "demos", "other")
 
@@ -165,14 +166,14 @@ def dual_form(
     """The dual form of ``prompt`` (a ``tasks.Prompt``) at its recorded position.
 
     Checks that the captured keys reproduce ``hook_pattern`` (within ``check_tol``; default
-    1e-4 in float32, 1e-8 in float64), so the keys are the ones attention really uses.
+    ``checks.tolerance`` of the model's dtype), so the keys are the ones attention really uses.
     """
     B.check_model(model)
     d = B.dims(model)
     layers = list(range(d.n_layers)) if layers is None else [int(x) for x in layers]
     param = next(model.parameters())
     if check_tol is None:
-        check_tol = 1e-8 if param.dtype == torch.float64 else 1e-4
+        check_tol = tolerance(param.dtype)
     tokens = torch.tensor([list(prompt.tokens)], device=param.device)
     if tokens.shape[1] > d.n_ctx:
         raise ValueError(f"prompt has {tokens.shape[1]} tokens but the context is {d.n_ctx}")
@@ -344,8 +345,14 @@ def dual_analysis(
     icl = [dual_form(model, p, **kw) for p in tqdm(prompts_icl, desc="dual ICL", **bar)]
     zs = [dual_form(model, p, **kw) for p in tqdm(prompts_zs, desc="dual ZS", **bar)]
     ft_kw = dict(mode=mode, task=task, tokenizer=tokenizer, record_queries=False)
-    with finetuned(model, demos, lr, **ft_kw):
+    kv = B.kv_parameters(model)
+    kv0 = [p.detach().clone() for p in kv]
+    with finetuned(model, demos, lr, **ft_kw) as state:
         ft = [dual_form(model, p, **kw) for p in tqdm(prompts_zs, desc="dual FT", **bar)]
+        # how much of FT's update (its fp32 deltas) the model's own weights lose to rounding
+        # (half precision keeps round(W + delta)): the FT side below is read from the model
+        rounding = rel_l2([p.detach() - w for p, w in zip(kv, kv0, strict=True)], state.deltas)
+    del kv0
     sh = None
     if shuffled and demos and len({getattr(d, "label", None) for d in demos}) > 1:
         with finetuned(model, shuffle_labels(demos, seed), lr, **ft_kw):
@@ -414,6 +421,9 @@ def dual_analysis(
         "groups": "query = query input..recorded token; demos = demo inputs+labels; "
         "other = BOS+separators",
         "dw_ft": "W_ZSL[FT model, ZS prompt] - W_ZSL[base, ZS prompt]",
+        "ft_weight_rounding": rounding,
+        "ft_weight_rounding_means": "||(weights after FT - before) - FT's fp32 K/V deltas|| / "
+        "||deltas||: the share of the update the model's dtype rounds away (0 in fp32)",
         "metrics": {k: METRICS[k][1] for k in t},
         "kinds": {k: METRICS[k][0] for k in t},
     }

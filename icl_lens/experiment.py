@@ -33,6 +33,7 @@ from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
+from icl_lens.checks import model_dtype
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.results import Results, RunResult, atomic_write_json
@@ -48,6 +49,10 @@ ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
 # ``seeds`` says which (task, seed) files a call makes, not what is in any one of them (so a
 # run of --seeds 0 is resumed by a later run of --seeds 0 1 2).
 _NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
+# Left out of ``key()`` at these values only (so the keys of results made before these fields
+# existed, all fp32 on the CPU, stay valid); any other value is part of the key.
+_KEY_DEFAULTS = {"dtype": "float32", "device": "cpu"}
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class ExperimentConfig:
     # hold the fast paths to the plain ones), so they are left out of ``key()`` (_NOT_IN_KEY).
     shared_prefix: bool | None = None  # None: use the prefix KV cache when it passes its check
     self_checks: bool = True
+    # What the model computes in and where (``run_experiment`` reads them off the model): a
+    # half-precision run's numbers differ from fp32's, so they are part of the key.
+    dtype: str = "float32"
+    device: str = "cpu"  # the device type ("cpu", "cuda", ...), not its index
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(ALL_BASELINES)
@@ -97,6 +106,8 @@ class ExperimentConfig:
             raise ValueError("kendall_examples must be >= 1, or None for every example")
         if self.lr is None and not self.lr_grid:
             raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
 
     @property
     def ft_rates(self) -> list[float]:
@@ -110,18 +121,21 @@ class ExperimentConfig:
 
     def key(self) -> str:
         """A short hash of the config, to refuse resuming a run made with other settings."""
-        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        fields = {k: v for k, v in asdict(self).items()
+                  if k not in _NOT_IN_KEY and _KEY_DEFAULTS.get(k, object()) != v}  # fmt: skip
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def run_experiment(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     task: str | TaskSpec,
     n_demos: int = 32,
     n_eval: int = 500,
     seeds: Sequence[int] = (0, 1, 2),
     *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
     data: TaskData | None = None,
     source: str = "staicc",
     tokenizer: Any = None,
@@ -139,12 +153,21 @@ def run_experiment(
     "same_versions" (default) reuses only files made with the same model and package stack,
     "any" reuses any file made with the same settings, "never" recomputes everything; what was
     reused is listed in ``Results.resumed``.
+
+    ``model`` is a hooked model, or a name/path that ``models.load_model`` loads with ``dtype``
+    (default float32) on ``device`` (default "cpu"). For a model given as a module, ``dtype``
+    and ``device`` (if given) must be what it already is. Either way the model's dtype and
+    device type go into the config (and its key: a bfloat16 run is not resumed as a float32
+    one) and the provenance. Losses, metrics and bootstrap run in fp32/fp64 whatever the dtype.
     """
+    model = _model_for(model, dtype, device, progress)
     B.check_model(model)
     git_revision()  # pin the revision of the code now imported (see its docstring)
     if resume not in RESUME:
         raise ValueError(f"resume={resume!r}; choose one of {RESUME}")
-    cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds), **config)
+    cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds),
+                           dtype=dtype_name(model_dtype(model)),
+                           device=B.input_device(model).type, **config)  # fmt: skip
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("the model has no tokenizer; pass tokenizer=...")
@@ -172,6 +195,40 @@ def run_experiment(
             _log_timing(Path(out_dir), spec.name, seed, time.perf_counter() - start)
         runs.append(run)
     return Results(runs, resumed=resumed)
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """``torch.bfloat16`` / "bfloat16" / "bf16" -> "bfloat16" (one of ``DTYPES``)."""
+    name = str(dtype).removeprefix("torch.")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32", "fp64": "float64", "double": "float64"}.get(name, name)  # fmt: skip
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
+    return name
+
+
+def _model_for(model, dtype, device, progress: bool) -> nn.Module:
+    """The hooked model to run: ``model`` itself (checked against ``dtype``/``device``), or
+    the one ``load_model`` loads from a name or path."""
+    want = None if dtype is None else getattr(torch, dtype_name(dtype))
+    if isinstance(model, (str, Path)):
+        from icl_lens.models import load_model
+
+        return load_model(model, dtype=want or torch.float32, device=device or "cpu",
+                          progress=progress)  # fmt: skip
+    if not isinstance(model, nn.Module):
+        return model  # check_model explains
+    if want is not None and model_dtype(model) != want:
+        raise ValueError(
+            f"dtype={dtype_name(dtype)} but the model is {dtype_name(model_dtype(model))}; load "
+            f"it with load_model(..., dtype=torch.{dtype_name(dtype)}) (or pass its name)"
+        )
+    if device is not None and B.input_device(model).type != torch.device(device).type:
+        raise ValueError(
+            f"device={device} but the model is on {B.input_device(model)}; load it with "
+            f"load_model(..., device={str(device)!r}) (or pass its name)"
+        )
+    return model
 
 
 def _log_timing(out_dir: Path, task: str, seed: int, seconds: float) -> None:
@@ -322,6 +379,14 @@ class _Ctx:
     # before its rows are added, so the messages since the last add explain those rows
     undefined: list[str] = field(default_factory=list)
     _seen: int = 0
+
+    @property
+    def zero_tol(self) -> dict[str, float | None]:
+        """The metrics' rounding-level zero tolerance for the model's dtype: the records are
+        stored in fp32, but a half-precision model computed them, so an update below 4·eps of
+        its dtype (the metrics' own default, DESIGN) is rounding noise; fp32: the default."""
+        eps = torch.finfo(getattr(torch, self.cfg.dtype)).eps
+        return {"zero_tol": 4.0 * eps if eps > torch.finfo(torch.float32).eps else None}
 
     def _why(self) -> str | None:
         """The explanations emitted since the previous add (None if there were none)."""
@@ -652,9 +717,10 @@ def _loss_rise(ctx: _Ctx, variant: str, state) -> None:
 
 
 def _release(state) -> None:
-    """Drop an FT state's per-token queries once Kendall has used them (memory)."""
+    """Drop an FT state's per-token queries (once Kendall has used them) and its K/V deltas
+    (memory)."""
     if state is not None:
-        state.train_q = state.train_token_demo = None
+        state.train_q = state.train_token_demo = state.deltas = None
 
 
 def _qmask(rec: Records):
@@ -665,10 +731,12 @@ def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: s
     """SimAOU (+orthogonal, +null), SimAM before/after (+centred), SimAM_delta, Kendall."""
     kind = "result" if variant == "ft" else "baseline"
     nan = {"on_undefined": "nan"}
-    ctx.add_layered("simaou", variant, M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+    tol = ctx.zero_tol
+    ctx.add_layered("simaou", variant,
+                    M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol),
                     kind=kind, lr=lr)  # fmt: skip
     ctx.add_layered("simaou_orthogonal", variant,
-                    M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+                    M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol),
                     kind=kind, lr=lr)  # fmt: skip
     ctx.add_layered("simaou_null", variant,
                     M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
@@ -682,7 +750,7 @@ def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: s
         after = M.simam(icl.query_scores, ft.query_scores, mask, centered=centered, **nan)
         ctx.add_layered(f"simam_after{suffix}", variant, after, kind=kind, lr=lr)
         delta = M.simam_delta(zs.query_scores, icl.query_scores, ft.query_scores, mask,
-                              centered=centered, **nan)  # fmt: skip
+                              centered=centered, **nan, **tol)  # fmt: skip
         ctx.add_layered(f"simam_delta{suffix}", variant, delta, kind=kind, lr=lr)
     if state is not None and state.train_q is not None and icl.demo_scores.shape[-1]:
         k = ctx.cfg.kendall_examples or len(icl)
@@ -695,15 +763,15 @@ def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: s
 
 def _random_baselines(ctx: _Ctx, zs: Records, icl: Records, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    nan = {"on_undefined": "nan"}
+    nan, tol = {"on_undefined": "nan"}, ctx.zero_tol
     d = icl.attn_out
     if "uniform" in ctx.cfg.baselines:
         u = M.uniform_random_like(d, gen)
-        ctx.add_layered("simaou", "uniform", M.simaou_random(zs.attn_out, d, u, **nan),
+        ctx.add_layered("simaou", "uniform", M.simaou_random(zs.attn_out, d, u, **nan, **tol),
                         kind="baseline")  # fmt: skip
     if "gaussian" in ctx.cfg.baselines:
         g = M.gaussian_random_like(d, gen)
-        ctx.add_layered("simaou", "gaussian", M.simaou_random(zs.attn_out, d, g, **nan),
+        ctx.add_layered("simaou", "gaussian", M.simaou_random(zs.attn_out, d, g, **nan, **tol),
                         kind="baseline")  # fmt: skip
     if icl.demo_scores.shape[-1]:
         k = ctx.cfg.kendall_examples or len(icl)
@@ -716,12 +784,12 @@ def _random_baselines(ctx: _Ctx, zs: Records, icl: Records, seed: int) -> None:
 
 def _sensitivity(ctx: _Ctx, zs: Records, icl: Records, ft: Records, lr: float) -> None:
     """The headline similarities at one grid learning rate (kind='lr_grid')."""
-    nan = {"on_undefined": "nan"}
+    nan, tol = {"on_undefined": "nan"}, ctx.zero_tol
     variant = f"ft@{lr:g}"
     per = {
-        "simaou": lambda: M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
+        "simaou": lambda: M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol),
         "simaou_orthogonal": lambda: M.simaou_orthogonal(
-            zs.attn_out, icl.attn_out, ft.attn_out, **nan
+            zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol
         ),  # fmt: skip
         "simaou_null": lambda: M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
         "simam_after": lambda: M.simam(
@@ -810,6 +878,8 @@ def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[s
         "lr_selection": heldout,
         "record_position": cfg.record,
         "predict_position": "last query-input token (-2)",
+        "dtype": cfg.dtype,
+        "device": str(B.input_device(model)),
         "config": asdict(cfg),
         "config_key": cfg.key(),
     }

@@ -7,6 +7,12 @@ of "formatted input + label word". Only the parameters from ``backend.kv_paramet
 ``mode="layer_causal"`` (Deutch et al. 2024): each layer's input is detached and each layer's
 residual output goes through the final norm and unembedding to its own LM loss; the per-layer
 losses are summed, so each layer's K/V learn only from their own loss.
+
+Half precision (bf16/fp16 models) keeps the science: SGD steps fp32 master deltas, and the
+model's weights hold ``round(W_orig + delta)`` (``_MasterDeltas``; side by side the deltas are
+fp32 rows), so no update is rounded away; losses are computed in fp32; every run-time check's
+tolerance comes from the model's dtype (``checks.tolerance``). ``FTState.deltas`` are the
+updates themselves (fp32), for analyses that need more than the rounded weights.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from icl_lens import backend as B
-from icl_lens.checks import tolerance, warn
+from icl_lens.checks import master_dtype, model_dtype, tolerance, warn
 from icl_lens.memory import release_memory
 
 MODES = ("standard", "layer_causal")
@@ -51,6 +57,15 @@ class FinetuneDivergedError(FloatingPointError):
     been restored."""
 
 
+class SideBySideUnavailable(NotImplementedError):
+    """Side-by-side FT cannot run here or failed its step-0 check (``report``: what the check
+    measured, if it ran); the grid trains each rate in place instead."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass
 class FTState:
     """What a finetune produced, besides the changed weights (which are restored on exit)."""
@@ -65,6 +80,10 @@ class FTState:
     train_token_demo: Int[Tensor, " train_tok"] | None = None
     # which fast paths trained it and what their run-time checks measured
     fast_paths: dict = field(default_factory=dict)
+    # The update of every trained tensor (same order as ``param_names``), at least fp32: for a
+    # half-precision model these are the fp32 master deltas that SGD stepped (the model's
+    # weights hold round(W + delta)); analyses that need the update itself should read these.
+    deltas: list[Tensor] | None = None
 
     @property
     def n_steps(self) -> int:
@@ -147,7 +166,8 @@ def _vocab_loss(model: nn.Module, normed: Tensor, targets: Tensor, weight: Tenso
 def _lm_loss(logits: Tensor, tokens: Tensor) -> Float[Tensor, " seq"]:
     """Each sequence's mean next-token cross-entropy of the model's own logits [seq, pos, vocab]."""
     n_seq, n_pos = tokens.shape[0], tokens.shape[1] - 1
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+    rows = logits[:, :-1].flatten(0, 1)  # half-precision logits: the loss in fp32
+    ce = F.cross_entropy(rows.to(master_dtype(rows.dtype)), tokens[:, 1:].flatten(),
                          reduction="none")  # fmt: skip
     return ce.view(n_seq, n_pos).mean(1)
 
@@ -156,30 +176,40 @@ def _final_norm_loss(model: nn.Module, normed: Tensor, tokens: Tensor) -> Float[
     """Each sequence's mean LM loss of ``tokens`` [seq, pos] from their final-normed residual
     [seq, pos, d], by the one-pass vocabulary loss."""
     n_seq, n_pos = tokens.shape[0], tokens.shape[1] - 1
-    weight = torch.full((n_seq * n_pos,), 1.0 / n_pos)
+    weight = torch.full((n_seq * n_pos,), 1.0 / n_pos, dtype=torch.float64)
     rows = normed[:, :-1].reshape(n_seq * n_pos, -1)
     return _vocab_loss(model, rows, tokens[:, 1:].reshape(-1), weight).view(n_seq, n_pos).sum(1)
 
 
-def _vocab_pass_matches(model: nn.Module, tokens: Tensor, trained: Sequence[Tensor]) -> bool:
-    """Whether the one-pass vocabulary loss is the model's own loss here: no trained tensor is
-    (a view of) the unembedding, and on ``tokens`` it equals the CE of the model's logits, so
-    logit transforms it does not know (e.g. a logit scale) are caught, not assumed away.
-    One forward pass gives both: the logits and, by a hook, the final-normed residual."""
+def _vocab_pass_check(model: nn.Module, tokens: Tensor, trained: Sequence[Tensor]) -> dict:
+    """Whether the one-pass vocabulary loss is the model's own loss here (``"ok"``): no
+    trained tensor is (a view of) the unembedding, and on ``tokens`` it equals the CE of the
+    model's logits within the tolerance of the model's dtype (``checks.tolerance``: the model's
+    own half-precision logits are rounded, the one-pass loss's are not), so logit transforms
+    it does not know (e.g. a logit scale) are caught, not assumed away. One forward pass
+    gives both: the logits and, by a hook, the final-normed residual."""
     unembed = [t for t in (model.unembed.W_U, getattr(model.unembed, "b_U", None))
                if isinstance(t, Tensor)]  # fmt: skip
     shared = {t.untyped_storage().data_ptr() for t in unembed}
     if any(p.untyped_storage().data_ptr() in shared for p in trained):
-        return False
+        return {"ok": False, "reason": "the unembedding is trained"}
     final: dict[str, Tensor] = {}
 
     def keep_final(t, hook):
         final["x"] = t
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(B.final_norm_hook_name(model), keep_final)]):
-        want = _lm_loss(model(tokens), tokens)
-        got = _final_norm_loss(model, final["x"], tokens)
-    return bool(torch.isclose(got.float(), want, rtol=1e-4, atol=1e-5).all())
+        want = _lm_loss(model(tokens), tokens).double()
+        got = _final_norm_loss(model, final["x"], tokens).double()
+    tol = tolerance(model_dtype(model))
+    diff = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+    report = {"ok": diff <= tol, "loss_rel_diff": diff, "tolerance": tol}
+    if not report["ok"]:
+        report["reason"] = (
+            f"the one-pass vocabulary loss differs from the model's own loss by {diff:.3g} "
+            f"(relative; tolerance {tol:g})"
+        )
+    return report
 
 
 def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -> Tensor:
@@ -195,7 +225,7 @@ def _layer_causal_loss(model: nn.Module, resids: list[Tensor], tokens: Tensor) -
     stacked = torch.stack([r.to(device) for r in resids])[:, :, :-1]  # [layer, seq, pos, d]
     normed = model.ln_final(stacked.flatten(0, 1)).reshape(n_layers * n_seq * n_pos, -1)
     targets = tokens[:, 1:].expand(n_layers, -1, -1).reshape(-1)
-    weight = torch.full((n_layers * n_seq * n_pos,), 1.0 / n_pos)
+    weight = torch.full((n_layers * n_seq * n_pos,), 1.0 / n_pos, dtype=torch.float64)
     losses = _vocab_loss(model, normed, targets, weight)
     return losses.view(n_layers, n_seq, n_pos).sum((0, 2))
 
@@ -321,7 +351,9 @@ def finetuned(
 
     ``demos`` are token lists ([BOS] + input + label word each) or ``Example`` s with ``task``.
     ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
-    an exception or KeyboardInterrupt; only the trained tensors' originals are kept.
+    an exception or KeyboardInterrupt; only the trained tensors' originals are kept. For a
+    half-precision tensor SGD steps an fp32 master delta and the model holds
+    ``round(W_orig + delta)``; ``state.deltas`` holds every tensor's update (at least fp32).
     """
     _check_args(mode, [lr])
     sequences = _to_sequences(model, demos, task, tokenizer)
@@ -334,9 +366,10 @@ def finetuned(
         yield state
 
 
-def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str) -> bool:
+def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str,
+             fast_paths: dict | None = None) -> bool:  # fmt: skip
     """Freeze all but ``trained``, eval mode, check lengths; whether the vocabulary pass is
-    the model's own loss (layer-causal FT needs it)."""
+    the model's own loss (layer-causal FT needs it; its check goes into ``fast_paths``)."""
     d = B.dims(model)
     longest = max(len(s) for s in sequences)
     if longest > d.n_ctx:
@@ -346,14 +379,18 @@ def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str) 
         p.requires_grad_(id(p) in trained_ids)
     model.eval()  # no dropout in TL models; eval keeps any stochastic layer off
     device = B.input_device(model)
-    vocab_pass = _vocab_pass_matches(model, torch.tensor([sequences[0]], device=device), trained)
-    if mode == "layer_causal" and not vocab_pass:
+    check = _vocab_pass_check(model, torch.tensor([sequences[0]], device=device), trained)
+    if fast_paths is not None:
+        fast_paths["one_pass_vocabulary_check"] = check
+    if mode == "layer_causal" and not check["ok"]:
         raise NotImplementedError(
             "layer-causal FT needs logits = unembed(final_norm(resid)) (optionally soft-capped) "
-            "and an untrained unembedding; this model or parameter list differs: use "
-            "mode='standard'"
+            f"and an untrained unembedding; this model or parameter list differs ({check['reason']}"
+            "): use mode='standard'"
         )
-    return vocab_pass
+    if "loss_rel_diff" in check and not check["ok"]:
+        warn(f"{check['reason']}; FT uses the model's own logits instead (slower)", stacklevel=4)
+    return check["ok"]
 
 
 def _diverged(value: float, step: int, lr: float, first: float | None = None,
@@ -404,14 +441,54 @@ def _untouched_loss(model: nn.Module, tokens: Tensor, mode: str, vocab_pass: boo
                 p.copy_(cur)
 
 
+class _MasterDeltas:
+    """What in-place SGD steps: for a tensor of at least fp32, the tensor itself (as plain
+    SGD); for a half-precision one, an fp32 master delta, written into the model as
+    ``round(W_orig + delta)`` after every step, so no update is lost to rounding (in-place
+    half-precision SGD rounds away every step below half an ulp of W, and biases the rest).
+    ``originals`` (the untrained tensors) are kept exactly, so the restore is bit for bit."""
+
+    def __init__(self, trained: Sequence[Tensor], originals: Sequence[Tensor]) -> None:
+        self.trained, self.originals = list(trained), list(originals)
+        self.half = [master_dtype(p.dtype) != p.dtype for p in self.trained]
+        self.masters = [
+            torch.zeros(p.shape, dtype=master_dtype(p.dtype), device=p.device) if h else None
+            for p, h in zip(self.trained, self.half, strict=True)
+        ]
+        self.stepped = [m if h else p for p, m, h in zip(self.trained, self.masters, self.half,
+                                                         strict=True)]  # fmt: skip
+
+    def take_grads(self) -> None:
+        """Move the half-precision tensors' gradients to their masters (in fp32)."""
+        for p, m in zip(self.trained, self.masters, strict=True):
+            if m is not None:
+                m.grad = None if p.grad is None else p.grad.to(m.dtype)
+                p.grad = None
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Put ``round(W_orig + delta)`` into the half-precision tensors."""
+        for p, orig, m in zip(self.trained, self.originals, self.masters, strict=True):
+            if m is not None:
+                p.copy_(orig.to(m.dtype).add_(m))
+
+    def deltas(self) -> list[Tensor]:
+        """Every tensor's update so far, in at least fp32 (the master for half precision)."""
+        return [m.detach().clone() if m is not None else (p.detach() - orig)
+                for p, orig, m in zip(self.trained, self.originals, self.masters,
+                                      strict=True)]  # fmt: skip
+
+
 def _train(model, sequences, trained, state: FTState, record_queries: bool, progress: bool,
            originals: Sequence[Tensor]):  # fmt: skip
     """The SGD loop: one step per demonstration, in order (``originals``: the untrained K/V)."""
     for p in trained:
         p.grad = None
-    vocab_pass = _prepare(model, sequences, trained, state.mode)
-    state.fast_paths.update(side_by_side=False, one_pass_vocabulary_loss=vocab_pass)
-    opt = torch.optim.SGD(trained, lr=state.lr, momentum=0.0, weight_decay=0.0)
+    vocab_pass = _prepare(model, sequences, trained, state.mode, state.fast_paths)
+    masters = _MasterDeltas(trained, originals)
+    state.fast_paths.update(side_by_side=False, one_pass_vocabulary_loss=vocab_pass,
+                            fp32_master_deltas=any(masters.half))  # fmt: skip
+    opt = torch.optim.SGD(masters.stepped, lr=state.lr, momentum=0.0, weight_decay=0.0)
     device = B.input_device(model)
     n_layers = B.dims(model).n_layers
     q_steps: list[Tensor] = []
@@ -430,12 +507,17 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
         error = _check_loss(value, step, state.lr, state.losses, untouched)
         if error is not None:
             raise error
+        masters.take_grads()
         opt.step()
+        masters.write()
         state.losses.append(value)
         if record_queries:
             q_steps.append(torch.stack([qs[layer][0] for layer in range(n_layers)]))
+    for p in masters.stepped:
+        p.grad = None
     for p in trained:
         p.grad = None
+    state.deltas = masters.deltas()
     if record_queries:
         state.train_q = torch.cat(q_steps, dim=1).float()
         state.train_token_demo = _token_demo(sequences)
@@ -452,10 +534,14 @@ class FTGrid:
     ``diverged`` maps a rate whose loss became NaN/inf or exploded to its error message.
     """
 
-    def __init__(self, model: nn.Module, lrs: Sequence[float], named, originals, run_one) -> None:
+    def __init__(self, model: nn.Module, lrs: Sequence[float], named, originals, run_one,
+                 fallback: dict | None = None) -> None:  # fmt: skip
         self.model, self.lrs = model, [float(lr) for lr in lrs]
         self.states: dict[float, FTState] = {}
         self.diverged: dict[float, str] = {}
+        # why side-by-side FT was not used although it was asked for (None: it was not asked
+        # for, or it ran); also in every state's ``fast_paths["side_by_side_fallback"]``
+        self.fallback = fallback
         self._named, self._originals, self._run_one = named, originals, run_one
         self._deltas: dict[float, list[Tensor]] = {}
         self._active: float | None = None
@@ -485,6 +571,8 @@ class FTGrid:
                 except FinetuneDivergedError as e:  # the training's own (not the block's)
                     self.diverged[lr] = str(e)
                     raise
+                if self.fallback is not None:
+                    state.fast_paths["side_by_side_fallback"] = self.fallback
                 self.states[lr] = state
                 yield state
             return
@@ -523,11 +611,14 @@ def finetuned_grid(
 
     Same protocol and per-rate results as ``finetuned`` up to float rounding: the rows use
     ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``, and ΔW is kept in at least fp32 (so
-    for half-precision models small updates are not rounded away, as in-place half-precision
-    SGD rounds them; ``grid.applied`` rounds W + ΔW to the model's dtype). A rate whose loss
-    diverges stops there and is reported in ``grid.diverged``; the others go on.
-    ``side_by_side=None`` uses it when the model supports it, else trains each rate in place
-    when it is applied.
+    for half-precision models small updates are not rounded away; in-place FT keeps fp32
+    master deltas for the same reason; ``grid.applied`` rounds W + ΔW to the model's dtype).
+    Each state's ``deltas`` are its ΔW while the grid's block runs (freed on exit, like the
+    model's copies). A rate whose loss diverges stops there and is reported in
+    ``grid.diverged``; the others go on. ``side_by_side=None`` uses it when the model supports
+    it and it passes its step-0 check, else trains each rate in place when it is applied,
+    with a ``FastPathWarning``; why is in ``grid.fallback`` and every state's
+    ``fast_paths["side_by_side_fallback"]``.
     """
     _check_args(mode, lrs)
     if not lrs:
@@ -544,14 +635,19 @@ def finetuned_grid(
     if side_by_side is False or len(rates) == 1:
         yield FTGrid(model, rates, named, None, run_one)
         return
+    fallback = None
     with _restoring(model, trained) as originals:
         grid = FTGrid(model, rates, named, originals, None)
         try:
             with _training(model):
                 _train_side_by_side(model, sequences, grid, mode, record_queries, progress)
-        except NotImplementedError:
+        except NotImplementedError as e:
             if side_by_side:
                 raise
+            fallback = {"reason": f"{type(e).__name__}: {e}",
+                        "check": getattr(e, "report", None)}  # fmt: skip
+            warn(f"side-by-side FT is not used: {e}; training each rate in place instead "
+                 "(one after another: slower, same results)", stacklevel=3)  # fmt: skip
             grid = None
         if grid is not None:
             try:
@@ -559,8 +655,10 @@ def finetuned_grid(
             finally:  # the deltas (rates × K/V size) go now, even if the caller keeps `grid`
                 grid._deltas.clear()
                 grid._originals = []
+                for state in grid.states.values():
+                    state.deltas = None
     if grid is None:  # the model cannot run K/V deltas side by side: one rate at a time
-        yield FTGrid(model, rates, named, None, run_one)
+        yield FTGrid(model, rates, named, None, run_one, fallback)
 
 
 def _check_side_by_side(model, tokens, mode, vocab_pass, trained, loss, grads) -> dict:
@@ -591,11 +689,11 @@ def _check_side_by_side(model, tokens, mode, vocab_pass, trained, loss, grads) -
     report = {"loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "tolerance": tol,
               "grad_tolerance": grad_tol}  # fmt: skip
     if not (loss_diff <= tol and grad_diff <= grad_tol):
-        warn(
+        raise SideBySideUnavailable(
             f"side-by-side FT disagrees with plain FT at step 0 (loss {loss_diff:.3g}, "
-            f"gradients {grad_diff:.3g} relative); training each rate in place instead"
+            f"gradients {grad_diff:.3g} relative; tolerances {tol:g}, {grad_tol:g})",
+            report,
         )
-        raise NotImplementedError("side-by-side FT failed its check")
     return report
 
 
@@ -604,12 +702,18 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
     """SGD for every rate of ``grid`` at once, on K/V deltas (one batch row per live rate)."""
     named, rates = grid._named, grid.lrs
     trained = [p for _, p in named]
-    vocab_pass = _prepare(model, sequences, trained, mode)
+    checks: dict = {}
+    vocab_pass = _prepare(model, sequences, trained, mode, checks)
     if not vocab_pass:
-        raise NotImplementedError("side-by-side FT needs the one-pass vocabulary loss")
+        raise SideBySideUnavailable(
+            "side-by-side FT needs the one-pass vocabulary loss, which is not the model's own "
+            f"loss here ({checks['one_pass_vocabulary_check'].get('reason')})",
+            checks["one_pass_vocabulary_check"],
+        )
     for p in trained:  # only the deltas learn; the model's own K/V stay as they are
         p.requires_grad_(False)
     # fp32 at least: a half-precision delta would round the small per-step updates away
+    half = any(master_dtype(p.dtype) != p.dtype for p in trained)
     deltas = [torch.zeros(len(rates), *p.shape, device=p.device, requires_grad=True,
                           dtype=torch.promote_types(p.dtype, torch.float32))
               for p in trained]  # fmt: skip
@@ -668,11 +772,12 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
         live = [live[i] for i in ok]
     for r, (lr, state) in enumerate(zip(rates, states, strict=True)):
         state.fast_paths.update(side_by_side=True, one_pass_vocabulary_loss=vocab_pass,
-                                side_by_side_check=check)  # fmt: skip
+                                fp32_master_deltas=half, side_by_side_check=check,
+                                **checks)  # fmt: skip
         if lr in grid.diverged:
             continue
         if record_queries:
             state.train_q = torch.cat(q_steps[r], dim=1).float()
             state.train_token_demo = _token_demo(sequences)
         grid.states[lr] = state
-        grid._deltas[lr] = [t[r].detach() for t in deltas]
+        grid._deltas[lr] = state.deltas = [t[r].detach() for t in deltas]

@@ -453,14 +453,16 @@ def uniform_random_like(
     x: Float[Tensor, "..."], generator: torch.Generator | None = None
 ) -> Float[Tensor, "..."]:
     """The paper's random baseline vector: u ~ U[0, 1) elementwise, shaped like x (all-positive)."""
-    return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # half-precision x: an fp32 draw
+    return torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
 
 
 def gaussian_random_like(
     x: Float[Tensor, "..."], generator: torch.Generator | None = None
 ) -> Float[Tensor, "..."]:
     """An isotropic baseline vector: g ~ N(0, 1) elementwise, shaped like x."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # half-precision x: an fp32 draw
+    return torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
 
 
 def simaou_random(

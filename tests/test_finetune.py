@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from icl_lens import backend as B
+from icl_lens.checks import FastPathWarning
 from icl_lens.finetune import FinetuneDivergedError, _ChunkedVocabCE, finetuned, finetuned_grid
 from icl_lens.tasks import build_train_sequence
 from icl_lens.toy import ToyTokenizer, toy_episode, toy_task
@@ -242,9 +243,11 @@ def test_unknown_logit_transform_falls_back_to_the_models_logits(setup):
         tokens = torch.tensor([build_train_sequence(task, tok, demos[0])])
         with torch.no_grad():
             want = torch.nn.functional.cross_entropy(model(tokens)[0, :-1], tokens[0, 1:])
-        with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok) as st:
-            pass
+        with pytest.warns(FastPathWarning, match="one-pass vocabulary loss differs"):
+            with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok) as st:
+                pass
         assert st.losses[0] == pytest.approx(float(want), rel=1e-5)
+        assert st.fast_paths["one_pass_vocabulary_check"]["ok"] is False
         with pytest.raises(NotImplementedError, match="mode='standard'"):
             with finetuned(model, demos[:1], 0.1, task=task, tokenizer=tok, mode="layer_causal"):
                 pass

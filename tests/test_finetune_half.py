@@ -1,0 +1,333 @@
+"""finetune in half precision: fp32 master deltas keep FT's update, restores stay bit exact.
+
+Tiny random Llama, GPT-2 and Gemma-3 checkpoints whose weights are exactly representable in
+bfloat16 and float16, so the fp32 model and the half-precision ones start from the same
+numbers: what differs is only the arithmetic. Every FT update (its final K/V deltas) of a
+half-precision model is compared with the fp32 run's, in place, side by side, layer-causal.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from icl_lens import backend as B
+from icl_lens.checks import FastPathWarning, rel_l2, tolerance
+from icl_lens.finetune import finetuned, finetuned_grid
+
+ARCHS = ("llama", "gpt2", "gemma3")
+HALF = (torch.bfloat16, torch.float16)
+LR = 1e-3  # updates of 0.06-1% of |W|: far below a bf16 ulp of most weights
+# FT's update must be within BOUND of fp32's, or within FLOOR_FACTOR times the floor that the
+# dtype's own arithmetic sets (``_linear``: the summed first-step updates, all taken at the
+# untrained weights, against fp32's), where that is larger. Only bf16 on the Gemma-3 toy has
+# a floor above 1%: ~2.3% (each of its gradients is 1.8-2.6% off fp32's; its forward
+# activations already are 0.5-2% off), so no K/V update can be closer; in place, the weights'
+# per-step rounding to round(W + delta) adds 1-1.3 points (3.2% on TL 4, 3.6% on TL 3; side
+# by side, which adds x·delta to x·W and so never rounds W + delta: 2.4%, 2.7%).
+BOUND = 0.02
+FLOOR_FACTOR = 2.0
+MEASURED: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+
+def _representable(model: torch.nn.Module) -> None:
+    """Round every weight to a value bfloat16 and float16 both hold exactly."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float16).float())
+
+
+def _tiny_hf(arch: str) -> torch.nn.Module:
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
+                                               n_positions=64, n_ctx=64, **ids))  # fmt: skip
+        elif arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(
+                num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, **ids,
+            ))  # fmt: skip
+        else:
+            model = Gemma3ForCausalLM(Gemma3TextConfig(
+                num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, vocab_size=64,
+                max_position_embeddings=64, sliding_window=4,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"], **ids,
+            ))  # fmt: skip
+    _representable(model)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def save_tiny(directory: Path, arch: str) -> Path:
+    from test_models import tiny_tokenizer
+
+    _tiny_hf(arch).save_pretrained(str(directory))
+    tiny_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory):
+    """``load(arch, dtype)``: the tiny checkpoint as a hooked model (raw weights; cached)."""
+    from icl_lens.models import load_model
+
+    root = tmp_path_factory.mktemp("half")
+    models: dict = {}
+
+    def get(arch: str, dtype: torch.dtype):
+        if (arch, dtype) not in models:
+            path = root / arch
+            if not path.exists():
+                save_tiny(path, arch)
+            models[arch, dtype] = load_model(path, dtype=dtype, progress=False, processing="none")
+        return models[arch, dtype]
+
+    return get
+
+
+DEMOS = [
+    [1] + torch.randint(4, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    for n in (10, 14, 9, 12, 11)
+]
+
+
+def _in_place(model, mode: str, demos=DEMOS) -> list[torch.Tensor]:
+    with finetuned(model, demos, LR, mode=mode) as state:
+        deltas = [d.clone() for d in state.deltas]
+        assert all(d.dtype == torch.promote_types(p.dtype, torch.float32)
+                   for d, p in zip(deltas, B.kv_parameters(model), strict=True))  # fmt: skip
+        assert state.fast_paths["fp32_master_deltas"] == (B.kv_parameters(model)[0].dtype
+                                                          in HALF)  # fmt: skip
+    return deltas
+
+
+def _side_by_side(model, mode: str) -> list[torch.Tensor]:
+    with finetuned_grid(model, DEMOS, [LR, 3 * LR], mode=mode) as grid:
+        assert grid._run_one is None and grid.fallback is None  # really side by side
+        with grid.applied(LR) as state:
+            check = state.fast_paths["side_by_side_check"]
+            assert check["tolerance"] == tolerance(B.kv_parameters(model)[0].dtype)
+            return [d.clone() for d in state.deltas]
+
+
+def _linear(model) -> list[torch.Tensor]:
+    """The sum over the demonstrations of each one's first-step update from the untrained
+    weights: FT's update without its trajectory (what the dtype's gradients alone give)."""
+    steps = [_in_place(model, "standard", [demo]) for demo in DEMOS]
+    return [torch.stack(parts).sum(0) for parts in zip(*steps, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def reference(load):
+    """``reference(arch)``: the fp32 model's FT deltas (in place) per mode, and ``_linear``."""
+    refs: dict = {}
+
+    def get(arch: str):
+        if arch not in refs:
+            model = load(arch, torch.float32)
+            refs[arch] = {mode: _in_place(model, mode) for mode in ("standard", "layer_causal")}
+            refs[arch]["linear"] = _linear(model)
+        return refs[arch]
+
+    return get
+
+
+def _check(arch, dtype, how, got, want, floor):
+    err = rel_l2(got, want)
+    MEASURED[arch, str(dtype).removeprefix("torch."), how] = (err, floor)
+    print(f"FT update vs fp32: {arch:6s} {str(dtype):14s} {how:24s} rel L2 {err:.4f} "
+          f"(the dtype's floor {floor:.4f})")  # fmt: skip
+    assert err <= max(BOUND, FLOOR_FACTOR * floor), (arch, dtype, how, err, floor)
+    # no update is rounded away: every entry that moves in fp32 moves here too (but those
+    # that only move by rounding noise, e.g. a K bias, whose exact gradient is 0)
+    top = max(float(w.abs().max()) for w in want)
+    lost = sum(int(((g == 0) & (w.abs() > 1e-3 * top)).sum())
+               for g, w in zip(got, want, strict=True))  # fmt: skip
+    assert lost == 0, (arch, dtype, how, lost)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_ft_update_matches_fp32(load, reference, arch, dtype):
+    """In place, side by side and layer-causal, the half-precision FT update (its fp32 master
+    deltas) is within 2% (L2) of the fp32 run's, or within 2x of the floor the dtype's own
+    gradients set where that is larger (bf16 on Gemma-3)."""
+    model, ref = load(arch, dtype), reference(arch)
+    floor = rel_l2(_linear(model), ref["linear"])
+    for mode in ("standard", "layer_causal"):
+        _check(arch, dtype, f"in place {mode}", _in_place(model, mode), ref[mode], floor)
+        _check(arch, dtype, f"side by side {mode}", _side_by_side(model, mode), ref[mode], floor)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, snap):
+    now = model.state_dict()
+    assert now.keys() == snap.keys()
+    for k, v in snap.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_restore_is_bit_exact(load, arch, dtype):
+    """After FT (in place, layer-causal, side by side) and after an exception inside the block,
+    every tensor of the model is what it was, bit for bit; inside, the model holds
+    round(W + delta) in its own dtype."""
+    model = load(arch, dtype)
+    snap = _snapshot(model)
+    kv = B.kv_parameters(model)
+    kv0 = [p.detach().clone() for p in kv]
+    for mode in ("standard", "layer_causal"):
+        with finetuned(model, DEMOS[:3], LR, mode=mode) as state:
+            for p, orig, delta in zip(kv, kv0, state.deltas, strict=True):
+                assert p.dtype == dtype
+                assert torch.equal(p.detach(), (orig.float() + delta).to(dtype))
+        _assert_same(model, snap)
+        with pytest.raises(RuntimeError, match="boom"):
+            with finetuned(model, DEMOS[:3], LR, mode=mode):
+                raise RuntimeError("boom")
+        _assert_same(model, snap)
+    with finetuned_grid(model, DEMOS[:3], [LR, 3 * LR], mode="layer_causal") as grid:
+        with grid.applied(LR):
+            pass
+    _assert_same(model, snap)
+    with pytest.raises(RuntimeError, match="boom"):
+        with finetuned_grid(model, DEMOS[:3], [LR, 3 * LR]) as grid:
+            with grid.applied(3 * LR) as state:
+                for p, orig, delta in zip(kv, kv0, state.deltas, strict=True):
+                    assert torch.equal(p.detach(), (orig.float() + delta).to(dtype))
+                raise RuntimeError("boom")
+    _assert_same(model, snap)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_half_precision_fast_paths_pass_their_checks_without_falling_back(load):
+    """bf16's one-pass vocabulary loss and layer-causal FT pass their dtype-derived checks
+    (they used to fail fp32's 1e-4), and the lr grid trains side by side: no FastPathWarning."""
+    import warnings
+
+    model = load("llama", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)
+        with finetuned(model, DEMOS[:2], LR, mode="layer_causal") as state:
+            check = state.fast_paths["one_pass_vocabulary_check"]
+            assert check["ok"] and check["tolerance"] == tolerance(torch.bfloat16)
+            assert 0 < check["loss_rel_diff"] < check["tolerance"]
+        with finetuned_grid(model, DEMOS[:2], [LR, 2 * LR]) as grid:
+            assert grid.fallback is None and grid.states[LR].fast_paths["side_by_side"]
+
+
+def test_a_side_by_side_fallback_is_warned_and_recorded(load, monkeypatch):
+    """A grid that cannot train side by side says so (FastPathWarning) and records why in
+    every state's fast paths."""
+    from contextlib import contextmanager
+
+    model = load("llama", torch.bfloat16)
+
+    @contextmanager
+    def unsupported(model, deltas):
+        raise NotImplementedError("no deltas here")
+        yield
+
+    monkeypatch.setattr(B, "kv_deltas", unsupported)
+    with pytest.warns(FastPathWarning, match="side-by-side FT is not used: no deltas here"):
+        with finetuned_grid(model, DEMOS[:2], [LR, 2 * LR]) as grid:
+            assert grid._run_one is not None
+            with grid.applied(LR) as state:
+                assert state.fast_paths["side_by_side"] is False
+                assert "no deltas here" in state.fast_paths["side_by_side_fallback"]["reason"]
+
+
+# --------------------------------------------------------------------------- run_experiment
+
+
+def test_bf16_run_experiment_with_every_baseline(tmp_path):
+    """A bf16 run with every default baseline completes; its numbers are finite (or undefined
+    with a reason); dtype and device are in the provenance and the config key."""
+    from icl_lens import experiment as E
+    from icl_lens.data import TaskData
+    from icl_lens.toy import ToyTokenizer, toy_episode, toy_task
+
+    tok = ToyTokenizer()
+    path = tmp_path / "llama"
+    hf = _tiny_hf("llama")
+    hf.resize_token_embeddings(tok.vocab_size)
+    _representable(hf)
+    hf.save_pretrained(str(path))
+    from test_models import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(str(path))
+    pool, evals = toy_episode(seed=0, n_demos=12, n_eval=6, tokenizer=tok)
+    data = TaskData(toy_task(2), evals, pool, "toy", {"source": "toy_episode", "seed": 0})
+    kw = dict(data=data, tokenizer=tok, seeds=(0,), lr_grid=(1e-3, 1e-2), n_heldout=3,
+              n_boot=50, batch_size=4, progress=False)  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)  # no fast path falls back in bf16
+        res = E.run_experiment(str(path), data.task, 4, 6, dtype="bfloat16", **kw)
+    run = res.runs[0]
+    prov = run.provenance
+    assert prov["dtype"] == "bfloat16" and prov["device"] == "cpu"
+    assert prov["config"]["dtype"] == "bfloat16"
+    assert prov["config_key"] != E.ExperimentConfig(n_demos=4, n_eval=6, seeds=(0,),
+                                                    lr_grid=(1e-3, 1e-2), n_heldout=3,
+                                                    n_boot=50, batch_size=4).key()  # fmt: skip
+    ft = prov["fast_paths"]["ft"]
+    assert ft["side_by_side"] is True and "side_by_side_fallback" not in ft
+    assert ft["fp32_master_deltas"] is True
+    f = res.to_frame()
+    have = set(zip(f.metric, f.variant, strict=True))
+    for variant in ("uniform", "gaussian", "untrained", "ft_shuffled", "ft_layer_causal", "ft"):
+        assert ("simaou", variant) in have, variant
+    for row in run.rows:
+        v = row["value"]
+        assert (v is not None and math.isfinite(v)) or row["note"], row
+    acc = f[(f.metric == "accuracy") & (f.layer == "mean")]
+    assert acc.value.notna().all()
+    # a model given as a module: its dtype is read off it; another dtype= is refused
+    from icl_lens.models import load_model
+
+    model = load_model(path, dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ValueError, match="load_model"):
+        E.run_experiment(model, data.task, 4, 6, dtype="float32", **kw)
+
+
+def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
+    """bf16/fp16 and non-CPU runs get their own keys; the fp32 CPU key is the one results
+    made before these fields existed carry, so they are still resumed."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from icl_lens import experiment as E
+
+    cfg = E.ExperimentConfig()
+    old = {k: v for k, v in asdict(cfg).items()
+           if k not in (*E._NOT_IN_KEY, "dtype", "device")}  # fmt: skip
+    blob = json.dumps(old, sort_keys=True, default=list)
+    assert cfg.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    keys = {E.ExperimentConfig(dtype=d).key() for d in ("float32", "bfloat16", "float16")}
+    assert len(keys) == 3
+    assert E.ExperimentConfig(device="cuda").key() != cfg.key()
+    with pytest.raises(ValueError, match="dtype"):
+        E.ExperimentConfig(dtype="int8")
+    assert E.dtype_name(torch.bfloat16) == E.dtype_name("bf16") == "bfloat16"
