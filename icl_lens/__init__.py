@@ -13,6 +13,7 @@ Reproduces Dai et al. 2022 (ICL as implicit finetuning) with honest baselines. P
     il.checks, il.FastPathWarning, il.SelfCheckError      # run-time self-checks
     il.metrics, il.plots, il.dual, il.momentum, il.conformance   # modules
     il.toy                                                # il.toy.load_toy, il.toy.toy_episode
+    il.circuit, il.circuit_records, il.CircuitRecords     # per-layer/head circuit tools
     il.__version__
 
 Every name is also importable from its module (``icl_lens.experiment.run_experiment``).
@@ -50,9 +51,11 @@ _ATTRS = {
     "TaskData": "data",
     "FastPathWarning": "checks",
     "SelfCheckError": "checks",
+    "circuit_records": "circuit",
+    "CircuitRecords": "circuit",
 }
 # submodules exposed as il.<name>
-_MODULES = ("checks", "conformance", "dual", "metrics", "momentum", "plots", "toy")
+_MODULES = ("checks", "circuit", "conformance", "dual", "metrics", "momentum", "plots", "toy")
 
 __all__ = [  # literal, for static tools; the same names as _ATTRS and _MODULES
     "__version__",
@@ -74,7 +77,10 @@ __all__ = [  # literal, for static tools; the same names as _ATTRS and _MODULES
     "TaskData",
     "FastPathWarning",
     "SelfCheckError",
+    "circuit_records",
+    "CircuitRecords",
     "checks",
+    "circuit",
     "conformance",
     "dual",
     "metrics",
@@ -84,9 +90,10 @@ __all__ = [  # literal, for static tools; the same names as _ATTRS and _MODULES
 ]
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see (py.typed)
-    from icl_lens import checks, conformance, dual, metrics, momentum, plots, toy
+    from icl_lens import checks, circuit, conformance, dual, metrics, momentum, plots, toy
     from icl_lens.capture import Records, capture
     from icl_lens.checks import FastPathWarning, SelfCheckError
+    from icl_lens.circuit import CircuitRecords, circuit_records
     from icl_lens.data import TaskData, load_file, load_task_data, sample_demos
     from icl_lens.experiment import ExperimentConfig, run_experiment
     from icl_lens.finetune import finetuned, finetuned_grid

@@ -25,8 +25,9 @@ NAMES = {
     "tasks": ["get_task", "TaskSpec", "build_prompt", "label_token_ids"],
     "data": ["load_task_data", "load_file", "sample_demos", "TaskData"],
     "checks": ["FastPathWarning", "SelfCheckError"],
+    "circuit": ["circuit_records", "CircuitRecords"],
 }
-MODULES = ["checks", "conformance", "dual", "metrics", "momentum", "plots", "toy"]
+MODULES = ["checks", "circuit", "conformance", "dual", "metrics", "momentum", "plots", "toy"]
 PAIRS = [(module, name) for module, names in NAMES.items() for name in names]
 
 

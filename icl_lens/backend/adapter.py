@@ -144,3 +144,21 @@ class Adapter(ABC):
     @abstractmethod
     def load_neutral_state_dict(self, model: nn.Module, neutral: dict[str, Tensor]) -> None:
         """See ``common.load_neutral_state_dict``."""
+
+    # ---- circuit sites (icl_lens.circuit.sites)
+
+    @abstractmethod
+    def post_attn_norm(self, model: nn.Module, layer: int) -> str | None:
+        """See ``common.post_attn_norm``."""
+
+    @abstractmethod
+    def attn_pre_norm_hooks(
+        self, model: nn.Module, layer: int, norm: str, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        """Hooks calling ``fn`` with the input of post-attention norm ``norm`` [batch, pos, d]."""
+
+    @abstractmethod
+    def attended_q_hooks(
+        self, model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        """See ``common.attended_q_hooks``."""

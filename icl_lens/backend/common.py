@@ -633,4 +633,57 @@ def load_converted(
     return installed().load_converted(directory, tokenizer, device=device, dtype=dtype)
 
 
+# --------------------------------------------------------------------------- circuit sites
+
+
+def post_attn_norm(model: nn.Module, layer: int) -> str | None:
+    """Module name of ``layer``'s post-attention norm (Gemma-2/3's ``blocks.{l}.ln1_post``),
+    whose output is ``hook_attn_out``; None when ``hook_attn_out`` is W_O's output itself."""
+    return adapter_for(model).post_attn_norm(model, layer)
+
+
+def attn_pre_norm_hooks(
+    model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+) -> list[tuple[str, Callable]]:
+    """Forward hooks that call ``fn(t)`` with ``layer``'s attention output after W_O (+ b_O),
+    before any post-attention norm [batch, pos, d_model]: ``hook_attn_out`` on models without
+    one; TL 4: the norm's ``hook_in``; TL 3: its input rebuilt as ``normalized · scale``."""
+    norm = post_attn_norm(model, layer)
+    if norm is None:
+        return [(hook_name("attn_out", layer), lambda t, hook: fn(t))]
+    return adapter_for(model).attn_pre_norm_hooks(model, layer, norm, fn)
+
+
+def attended_q_hooks(
+    model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+) -> list[tuple[str, Callable]]:
+    """Forward hooks that call ``fn(q)`` with the queries attention scores with
+    [batch, pos, head, d_head]: after any q-norm and RoPE, before the score scale. Standard
+    positions without q-norm: ``hook_q`` itself. The caller checks that ``fn`` was called
+    (a TL 4 bridge may list a hook that never fires)."""
+    return adapter_for(model).attended_q_hooks(model, layer, fn)
+
+
+def frozen_norm_linear(model: nn.Module, norm: str, x: Tensor, scale: Tensor) -> Tensor:
+    """The linear part of norm module ``norm`` ("ln_final", "blocks.3.ln1_post") with its
+    scale held at ``scale``: ``norm(x) − norm(0)`` while ``{norm}.hook_scale`` returns
+    ``scale`` (broadcastable to [..., 1]). Centring, division by the scale and the affine
+    weight apply; the bias cancels. A model without that module: ``x`` unchanged."""
+    try:
+        module = model.get_submodule(norm)
+    except AttributeError:
+        return x
+    if isinstance(module, nn.Identity):
+        return x
+    name = f"{norm}.hook_scale"
+    if name not in model.hook_dict:
+        raise NotImplementedError(f"{architecture(model)}: {norm} has no hook_scale to hold fixed")
+    import warnings
+
+    fixed = scale.to(x.dtype)
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=[(name, lambda t, hook: fixed)]):
+        warnings.simplefilter("ignore")  # TL 4: "a forward hook edited hook_scale" (intended)
+        return module(x) - module(torch.zeros_like(x))
+
+
 _ = transformer_lens  # imported for its side effects on TL 4 (registers boot_native)

@@ -23,6 +23,7 @@ from icl_lens.backend.common import (
     _hf_windows,
     _row_term,
     _zero_bias,
+    architecture,
     dims,
     hook_name,
     run_until,
@@ -242,6 +243,45 @@ class HookedAdapter(Adapter):
         missing = [k for k in missing if not k.endswith(("IGNORE", ".mask"))]
         if missing or unexpected:
             raise ValueError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
+
+    # ---- circuit sites
+
+    def post_attn_norm(self, model: nn.Module, layer: int) -> str | None:
+        # TL 3 builds ``ln1_post`` only with use_normalization_before_and_after (Gemma-2/3)
+        return f"blocks.{layer}.ln1_post" if hasattr(model.blocks[layer], "ln1_post") else None
+
+    def attn_pre_norm_hooks(
+        self, model: nn.Module, layer: int, norm: str, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        """TL 3 hooks no norm's input: an RMSNorm's is ``hook_normalized · hook_scale``."""
+        if type(model.get_submodule(norm)).__name__ not in ("RMSNorm", "RMSNormPre"):
+            raise NotImplementedError(
+                f"{architecture(model)}: site 'attention' needs the input of {norm}, which TL "
+                f"{TL_VERSION} hooks only for RMS norms (this is "
+                f"{type(model.get_submodule(norm)).__name__})"
+            )
+        kept: dict[str, Tensor] = {}
+
+        def keep_scale(t: Tensor, hook: object) -> None:
+            kept["scale"] = t
+
+        def on_normalized(t: Tensor, hook: object) -> None:
+            fn(t * kept.pop("scale").to(t.dtype))
+
+        return [(f"{norm}.hook_scale", keep_scale), (f"{norm}.hook_normalized", on_normalized)]
+
+    def attended_q_hooks(
+        self, model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        """``hook_rot_q`` (after q-norm and RoPE) on rotary models, else ``hook_q``."""
+        if dims(model).positional == "rotary":
+            return [(f"blocks.{layer}.attn.hook_rot_q", lambda t, hook: fn(t))]
+        if getattr(model.blocks[layer].attn, "q_norm", None) is not None:
+            raise NotImplementedError(
+                f"{architecture(model)}: site 'q_post' (queries after q-norm) is not hooked by "
+                f"TL {TL_VERSION} on a model without rotary positions"
+            )
+        return [(hook_name("q", layer), lambda t, hook: fn(t))]
 
 
 ADAPTER = HookedAdapter()

@@ -199,7 +199,10 @@ class BridgeAdapter(Adapter):
                 einops.rearrange(bias, "(h e) -> h e", h=heads) if bias is not None else None
             )
         o = attn.o
-        out["W_O"] = einops.rearrange(o.weight, "m (h e) -> h e m", h=d.n_heads)
+        # HF Conv1D (GPT-2's c_proj) stores its weight as [in, out], nn.Linear as [out, in]
+        conv1d = type(getattr(o, "original_component", None)).__name__ == "Conv1D"
+        pattern = "(h e) m -> h e m" if conv1d else "m (h e) -> h e m"
+        out["W_O"] = einops.rearrange(o.weight, pattern, h=d.n_heads)
         out["b_O"] = getattr(o, "bias", None)
         return {n: _zero_bias(t, out, n, d) for n, t in out.items()}
 
@@ -365,6 +368,55 @@ class BridgeAdapter(Adapter):
                 if own[k].shape != v.shape:
                     raise ValueError(f"checkpoint mismatch at {k}: {tuple(v.shape)} vs model")
                 own[k].copy_(v)
+
+    # ---- circuit sites
+
+    def post_attn_norm(self, model: nn.Module, layer: int) -> str | None:
+        """``blocks.{l}.ln1_post`` when ``hook_attn_out`` is that norm's output (Gemma-2/3),
+        None when it is the attention module's own output."""
+        canonical = model.hook_dict[hook_name("attn_out", layer)].name
+        if canonical == f"blocks.{layer}.attn.hook_out":
+            return None
+        norm = f"blocks.{layer}.ln1_post"
+        if canonical == f"{norm}.hook_out" and f"{norm}.hook_in" in model.hook_dict:
+            return norm
+        raise NotImplementedError(
+            f"{architecture(model)}: blocks.{layer}.hook_attn_out is {canonical}, neither the "
+            "attention output nor a post-attention norm's; site 'attention' is unknown here"
+        )
+
+    def attn_pre_norm_hooks(
+        self, model: nn.Module, layer: int, norm: str, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        return [(f"{norm}.hook_in", lambda t, hook: fn(t))]
+
+    def attended_q_hooks(
+        self, model: nn.Module, layer: int, fn: Callable[[Tensor], None]
+    ) -> list[tuple[str, Callable]]:
+        """HF bridges: ``hook_rot_q`` (after q-norm and RoPE) where it exists, else ``hook_q``.
+        TL's native toys fire no ``hook_rot_q``: their rotary is applied to ``hook_q`` here,
+        as the module does."""
+        native = _native_attention(model, layer)
+        if native is not None:
+            if native.rotary is None:
+                return [(hook_name("q", layer), lambda t, hook: fn(t))]
+
+            def rotate(t: Tensor, hook: object) -> None:
+                q = t.transpose(1, 2)
+                fn(native.rotary.apply_rope(q, q)[0].transpose(1, 2))
+
+            return [(hook_name("q", layer), rotate)]
+        rot = f"blocks.{layer}.attn.hook_rot_q"
+        if rot in model.hook_dict:
+            return [(rot, lambda t, hook: fn(t))]
+        if f"blocks.{layer}.attn.q_norm.hook_out" in model.hook_dict or (
+            dims(model).positional == "rotary"
+        ):
+            raise NotImplementedError(
+                f"{architecture(model)}: site 'q_post' (queries after q-norm and RoPE) is not "
+                "hooked by this TransformerBridge (no hook_rot_q)"
+            )
+        return [(hook_name("q", layer), lambda t, hook: fn(t))]
 
 
 ADAPTER = BridgeAdapter()

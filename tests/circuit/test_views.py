@@ -1,0 +1,100 @@
+"""Views: the attention frame's columns against hand computations; the figures draw."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+import pytest
+import torch
+
+from icl_lens.circuit import patching as P
+from icl_lens.circuit import views as V
+from tests.circuit.conftest import run_sites
+
+matplotlib.use("Agg")
+
+
+@pytest.mark.parametrize("name", ["toy", "gemma3"])
+def test_attention_frame_by_hand(records, name):
+    model, rec = records(name)
+    e, layer = 1, rec.n_layers - 1
+    frame = V.attention_frame(rec, e, layer)
+    assert list(frame.columns) == [
+        "token",
+        "demo",
+        "visible",
+        "icl_pattern",
+        "icl_weights",
+        "ft_dual",
+    ]
+    assert list(frame.token) == rec.demo_tokens and len(frame) == rec.ft_state.train_q.shape[1]
+    # ICL: the model's own pattern row at the recorded position, mean over heads
+    p = rec.icl_prompts[e]
+    name_ = f"blocks.{layer}.attn.hook_pattern"
+    got = run_sites(model, torch.tensor([p.tokens]), [], [name_])[name_]
+    row = got[0, :, p.spans.record_pos, p.spans.demo_token_positions()].mean(0)
+    torch.testing.assert_close(
+        torch.tensor(frame.icl_pattern.values), row.double(), atol=1e-6, rtol=0
+    )
+    vis = torch.tensor(frame.visible.values)
+    assert frame.icl_weights[vis.numpy()].sum() == pytest.approx(1.0)
+    assert (frame.icl_weights[~vis.numpy()] == 0).all()
+    # FT: softmax over the trained tokens of q_test · q_i, both scaled by attn_scale ** -0.5
+    q = rec.ft.q_pre[e, layer].flatten().double() / float(rec.attn_scale[layer]) ** 0.5
+    logits = rec.ft_state.train_q[layer].double() @ q
+    want = logits.masked_fill(~vis, float("-inf")).softmax(-1)
+    torch.testing.assert_close(torch.tensor(frame.ft_dual.values), want, atol=1e-9, rtol=1e-7)
+    if name == "gemma3":  # the sliding window hides early demonstration tokens in layer 0
+        assert not V.attention_frame(rec, e, 0).visible.all()
+    one = V.attention_frame(rec, e, layer, head=0)
+    torch.testing.assert_close(
+        torch.tensor(one.icl_pattern.values),
+        got[0, 0, p.spans.record_pos, p.spans.demo_token_positions()].double(),
+    )
+
+
+def test_figures_draw(records):
+    import matplotlib.pyplot as plt
+
+    model, rec = records("toy")
+    fig = V.attention_view(rec, example=0, layer=1)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [repr(t)[1:-1] for t in rec.demo_tokens]
+    assert len(ax.patches) >= 3 * len(rec.demo_tokens)
+    plt.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = P.patch_curves(model, rec, directions=["icl_to_ft"], n_boot=20)
+        heads = P.patch_curves(
+            model, rec, directions=["icl_to_ft"], heads=True, layers=[1], n_boot=0
+        )
+    fig = V.plot_patching(res)
+    assert len(fig.axes[0].lines) >= 4
+    plt.close(fig)
+    fig = V.plot_patching(heads)
+    assert fig.axes[0].get_xticklabels()[0].get_text() == "L1H0"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no 'ft_to_icl' rows"):
+        V.plot_patching(res, "ft_to_icl")
+
+
+def test_attention_frame_needs_demos_and_q_pre(models):
+    from icl_lens.circuit import circuit_records
+    from tests.circuit.conftest import toy_data
+
+    model, tok = models("toy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = circuit_records(
+            model,
+            toy_data(tok, 2),
+            lr=0.05,
+            n_demos=4,
+            n_eval=2,
+            tokenizer=tok,
+            sites=["residual"],
+            shuffled=False,
+        )
+    with pytest.raises(ValueError, match="q_pre"):
+        V.attention_frame(rec)
