@@ -43,7 +43,7 @@ def no_model(monkeypatch):
     """Loading a model fails the test: every check here must fire before it."""
     import icl_lens.models
 
-    def load(name):
+    def load(name, **kwargs):
         raise ModelLoaded(name)
 
     monkeypatch.setattr(icl_lens.models, "load_model", load)
@@ -80,7 +80,14 @@ def toy_model(normalization_type="LN"):
 def use_model(monkeypatch, model):
     import icl_lens.models
 
-    monkeypatch.setattr(icl_lens.models, "load_model", lambda name: model)
+    def load(name, **kwargs):
+        seen_load.update(kwargs)  # what the CLI asked for (dtype, device)
+        return model
+
+    seen_load: dict = {}
+
+    monkeypatch.setattr(icl_lens.models, "load_model", load)
+    return seen_load
 
 
 def fake_run(monkeypatch, seen: dict, error: BaseException | None = None):
@@ -661,3 +668,24 @@ def test_data_resume_recomputes_when_the_data_changes(monkeypatch, tmp_path, cap
     assert "computed all 1 runs (none resumed)" in capsys.readouterr().out
     assert "made from other data (data file sha256" in caplog.text
     assert "reviews" in caplog.text and "recomputing it" in caplog.text
+
+
+def test_dtype_and_device_reach_the_model_and_pick_their_own_directory(monkeypatch, tmp_path):
+    import torch
+
+    load_kwargs = use_model(monkeypatch, toy_model())
+    seen: dict = {}
+    fake_run(monkeypatch, seen)
+    with pytest.raises(RunStarted):
+        cli.main(["reproduce", "--tasks", "mr", "--dtype", "bfloat16", "--device", "cpu",
+                  "--out", str(tmp_path), "--no-figures"])  # fmt: skip
+    assert load_kwargs == {"dtype": torch.bfloat16, "device": "cpu"}
+    assert Path(seen["out_dir"]).name == "gemma-3-270m-bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("device", "says"), [("foo", "not a torch device"), ("tpu", "use cpu, cuda")]
+)
+def test_bad_device_is_one_line_before_the_model_loads(capsys, no_model, tmp_path, device, says):
+    assert cli.main(["reproduce", "--device", device, "--out", str(tmp_path)]) == 2
+    assert says in one_line(capsys)

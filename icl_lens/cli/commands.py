@@ -18,6 +18,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     plan = _plan(args)
 
     import pandas as pd
+    import torch
     from tqdm.auto import tqdm
 
     from icl_lens.experiment import run_experiment
@@ -25,12 +26,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     from icl_lens.results import Results
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     out = plan.out
     start = time.time()
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.data:
         _check_data_for_model(plan.data[0], model, plan.n_eval)
     config = dict(

@@ -175,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples for the 95%% confidence intervals, >= 1 (default 1000)",
     )
     rep.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model's dtype (default float32). FT keeps fp32 master copies of its K/V "
+        "updates and the metrics run in fp32/fp64 whatever this is; the self-checks' "
+        "tolerances follow it. A non-default dtype writes to OUT/<model>-<dtype>/",
+    )
+    rep.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the model: cpu (default), cuda, cuda:N, mps; checked before "
+        "the model loads. A non-CPU device writes to OUT/<model>[-<dtype>]-<device type>/",
+    )
+    rep.add_argument(
         "--threads",
         type=_int_at_least(1),
         help="CPU threads for torch, >= 1 (default: torch's choice, usually one per core)",

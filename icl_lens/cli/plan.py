@@ -52,6 +52,35 @@ class _Plan:
     out: Path
 
 
+def _check_device(name: str) -> str:
+    """``--device``, parsed and checked to exist here (before the model loads)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        msg = f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N"
+        raise UsageError(msg) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch has no usable CUDA device; use cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name}: use cpu, cuda[:N], mps or xpu")
+    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise UsageError(f"--device {name}: no such device here; use cpu")
+    return str(device)
+
+
+def _run_dir_name(model: str, dtype: str, device: str) -> str:
+    """OUT/<model>/ for float32 on the CPU; another dtype or device gets its own directory, so
+    a bfloat16 run never recomputes over (or is resumed from) a float32 run."""
+    name = model.replace("/", "--")
+    if dtype != "float32":
+        name += f"-{dtype}"
+    if not device.startswith("cpu"):
+        name += f"-{device.split(':')[0]}"
+    return name
+
+
 def _plan(args: argparse.Namespace) -> _Plan:
     """Check every argument, the output directory, the model name and the data, before any
     model loads; a value the user gave is used as given (never replaced by a default)."""
@@ -81,7 +110,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     source = args.source or "staicc"
     if source == "staicc" and "cb" in tasks and not args.data:
         raise UsageError("cb is not available offline; use --source hf (needs internet)")
-    out = Path(args.out) / args.model.replace("/", "--")
+    device = _check_device(args.device)
+    out = Path(args.out) / _run_dir_name(args.model, args.dtype, device)
     _check_writable(out, "--out")
     _check_model(args.model)
     if args.data:
