@@ -88,14 +88,21 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _compare_with_reference(results, out: Path) -> None:
     """This run beside the committed reference run, if there is one (a reproduction that
     disagrees must say so loudly)."""
-    from icl_lens.compare import compare, default_reference, report
+    from icl_lens.compare import compare, default_reference, load_side, report
+    from icl_lens.results import Results
 
     try:
         reference = default_reference(out, results)
     except FileNotFoundError as e:
         print(f"no reference run to compare with ({e})")
         return
-    print(report(compare(results, reference, run_label=str(out))))
+    tasks = sorted({r.task for r in results.runs})
+    ref, label = load_side(reference, "reference")
+    ref = Results([r for r in ref.runs if r.task in tasks])  # only the tasks this run has
+    if not ref.runs:
+        print(f"the reference run ({reference}) has no {', '.join(tasks)}: nothing to compare")
+        return
+    print(report(compare(results, ref, run_label=str(out), reference_label=label)))
 
 
 def _figures(args: argparse.Namespace) -> int:
