@@ -47,6 +47,10 @@ VOCAB_CHUNK = 2048  # unembedding columns per step of the loss's vocabulary pass
 # reaches 1.8x at lr 1e-6. The same demonstration has no such spread, hence the lower factor,
 # which a bounded loss needs: Gemma-3-270m at lr 1e9 takes a demonstration from 7.5 to 13.8
 # nats (1.8x), not to infinity.
+# A loss more than EXPLODE_MARGIN above a uniform guess's, ln(vocabulary size), also trips the
+# first test (then confirmed the same way): FT that leaves the model worse than guessing has
+# wrecked it. Gemma-3-270m at lr 1e9 over 32 SST-2 demonstrations stays below 2x its first
+# loss (9.95 -> at most 16.7 nats) but passes ln(262144) = 12.5 at step 4.
 EXPLODE_FACTOR = 2.0
 EXPLODE_CONFIRM = 1.5
 EXPLODE_MARGIN = 1.0
@@ -394,12 +398,14 @@ def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str,
 
 
 def _diverged(value: float, step: int, lr: float, first: float | None = None,
-              untouched: float | None = None) -> FinetuneDivergedError:  # fmt: skip
+              untouched: float | None = None,
+              chance: float = math.inf) -> FinetuneDivergedError:  # fmt: skip
     what = f"became {value}"
     if first is not None and untouched is not None and math.isfinite(value):
+        guess = f"; a uniform guess {chance:.4g}" if math.isfinite(chance) else ""
         what = (
             f"exploded to {value:.4g} (first step {first:.4g}; the untouched model's loss on "
-            f"this demonstration {untouched:.4g})"
+            f"this demonstration {untouched:.4g}{guess})"
         )
     return FinetuneDivergedError(
         f"finetune loss {what} at step {step} with lr={lr}; "
@@ -412,15 +418,18 @@ def _above(value: float, reference: float, factor: float) -> bool:
 
 
 def _check_loss(value: float, step: int, lr: float, losses: Sequence[float],
-                untouched: Callable[[], float]) -> FinetuneDivergedError | None:  # fmt: skip
+                untouched: Callable[[], float],
+                chance: float = math.inf) -> FinetuneDivergedError | None:  # fmt: skip
     """The error for a NaN/inf or exploded loss ``value`` at ``step`` (after ``losses``);
-    ``untouched()`` gives the untouched model's loss on this step's demonstration."""
+    ``untouched()`` gives the untouched model's loss on this step's demonstration; ``chance``
+    is a uniform guess's loss, ln(vocabulary size)."""
     if not math.isfinite(value):
         return _diverged(value, step, lr)
-    if losses and math.isfinite(losses[0]) and _above(value, losses[0], EXPLODE_FACTOR):
+    first = losses[0] if losses and math.isfinite(losses[0]) else math.inf
+    if _above(value, first, EXPLODE_FACTOR) or value > chance + EXPLODE_MARGIN:
         reference = untouched()
         if _above(value, reference, EXPLODE_CONFIRM):
-            return _diverged(value, step, lr, losses[0], reference)
+            return _diverged(value, step, lr, first, reference, chance)
     return None
 
 
@@ -492,6 +501,7 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
     device = B.input_device(model)
     n_layers = B.dims(model).n_layers
     q_steps: list[Tensor] = []
+    chance = math.log(B.dims(model).d_vocab)  # a uniform guess's loss
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
         qs: dict[int, Tensor] = {}
         hooks = _query_hooks(model, qs) if record_queries else []
@@ -504,7 +514,7 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
         loss.backward()
         untouched = functools.partial(_untouched_loss, model, tokens, state.mode, vocab_pass,
                                       trained, originals)  # fmt: skip
-        error = _check_loss(value, step, state.lr, state.losses, untouched)
+        error = _check_loss(value, step, state.lr, state.losses, untouched, chance)
         if error is not None:
             raise error
         masters.take_grads()
@@ -723,6 +733,7 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
     q_steps: list[list[Tensor]] = [[] for _ in rates]
     check = None  # the step-0 check's report
     states = [FTState(lr=lr, mode=mode, param_names=[n for n, _ in named]) for lr in rates]
+    chance = math.log(B.dims(model).d_vocab)  # a uniform guess's loss
     for step, seq in enumerate(tqdm(sequences, desc="finetune (grid)", disable=not progress)):
         if not live:
             break
@@ -738,7 +749,7 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
         untouched = functools.cache(
             functools.partial(_untouched_loss, model, tokens[:1], mode, vocab_pass)
         )
-        errors = [_check_loss(v, step, rates[r], states[r].losses, untouched)
+        errors = [_check_loss(v, step, rates[r], states[r].losses, untouched, chance)
                   for v, r in zip(values, live, strict=True)]  # fmt: skip
         ok = [i for i, e in enumerate(errors) if e is None]
         for i, r in enumerate(live):

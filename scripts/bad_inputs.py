@@ -108,13 +108,15 @@ def _cases(tmp: Path, fast: bool) -> list[tuple[str, list[str], dict[str, str]]]
                     *user[:7],
                     "negative= Unfavourably",
                     "positive= Positive",
+                    "--n-demos",
+                    "4",
                     *out,
                 ],
                 {},
             ),  # fmt: skip
             (
                 "text longer than the context",
-                ["reproduce", "--data", str(long_text), *user, *out],
+                ["reproduce", "--data", str(long_text), *user, "--n-demos", "4", *out],
                 {},
             ),  # fmt: skip
             (
@@ -128,7 +130,7 @@ def _cases(tmp: Path, fast: bool) -> list[tuple[str, list[str], dict[str, str]]]
                     "--n-eval",
                     "8",
                     "--n-demos",
-                    "4",
+                    "32",
                     "--lr",
                     "1e9",
                     "--baselines",

@@ -534,3 +534,19 @@ def test_explosion_rule():
     want = "exploded to 9 (first step 4; the untouched model's loss on this demonstration 4.4)"
     assert str(err).startswith(f"finetune loss {want} at step 3 with lr=0.1;")
     assert "became nan" in str(_check_loss(float("nan"), 2, 0.1, [4.0], never))
+
+
+def test_a_loss_worse_than_a_uniform_guess_counts_as_exploded():
+    """Below 2x the first step's loss, but above ln(V) + 1 nat and 1.5x the untouched model's:
+    FT has wrecked the model (Gemma-3-270m at lr 1e9). An untouched loss already above the
+    uniform guess (the untrained baseline) is not called diverged for being there."""
+    import math
+
+    from icl_lens.finetune import _check_loss
+
+    chance = math.log(262144)  # 12.48
+    assert _check_loss(16.3, 4, 1e9, [9.95], lambda: 9.0) is None  # without `chance`
+    err = _check_loss(16.3, 4, 1e9, [9.95], lambda: 9.0, chance)
+    assert err is not None and "a uniform guess 12.48" in str(err)
+    assert _check_loss(13.0, 4, 1e9, [9.95], lambda: 9.0, chance) is None  # < 1 nat above
+    assert _check_loss(31.0, 4, 1e-4, [30.6], lambda: 30.0, chance) is None  # untrained model
