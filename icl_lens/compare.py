@@ -50,6 +50,8 @@ from icl_lens.results import SUMMARY_COLUMNS, Results
 VERSION_KEYS = ("icl_lens", "icl_lens_git", "backend", "transformer_lens", "transformers", "torch")
 # config fields that do not change a seed's numbers: the seeds run, and the fast-path controls
 _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks")
+# fields added later, and what a file without them ran with (older files ran fp32 on the CPU)
+_CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu"}
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
 _ORDER = {(m, v): i for i, (m, v, _) in enumerate(SUMMARY_COLUMNS)}
 FRAME_COLUMNS = [
@@ -240,10 +242,15 @@ def _provenance_difference(pa: dict[str, Any], pb: dict[str, Any]) -> str | None
             fields = sorted(
                 k
                 for k in set(ca) | set(cb)
-                if k not in _CONFIG_IGNORED and _norm(ca.get(k)) != _norm(cb.get(k))
+                if k not in _CONFIG_IGNORED
+                and _norm(ca.get(k, _CONFIG_DEFAULTS.get(k)))
+                != _norm(cb.get(k, _CONFIG_DEFAULTS.get(k)))
             )
             if fields:
-                shown = ", ".join(f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in fields[:3])
+                dflt = _CONFIG_DEFAULTS.get
+                shown = ", ".join(
+                    f"{k} {ca.get(k, dflt(k))!r} vs {cb.get(k, dflt(k))!r}" for k in fields[:3]
+                )
                 more = f" and {len(fields) - 3} more" if len(fields) > 3 else ""
                 why.append(f"different config ({shown}{more})")
         else:

@@ -266,3 +266,17 @@ def test_the_committed_reference_reproduces_itself(capsys):
     assert cli.main(["compare", str(committed), str(committed), "--strict"]) == 0
     out = capsys.readouterr().out
     assert f"{len(frame)} of {len(frame)} headline values" in out
+
+
+def test_config_fields_added_later_read_as_what_older_files_ran_with(tmp_path):
+    """A file from before dtype/device were recorded ran fp32 on the CPU: only a real
+    difference (n_eval here) is listed, not 'dtype float32 vs None'."""
+    ref = _write(tmp_path / "ref", _runs(tasks=("sst2",)))
+    run = _run("sst2", 0, n_eval=50)
+    config = {**run.provenance["config"], "dtype": "float32", "device": "cpu"}
+    run.provenance["config"] = config
+    note = _row(compare(_write(tmp_path / "run", [run]), ref), "sst2", 0, "simaou", "ft")["note"]
+    assert "different config (n_eval 50 vs 100)" in note and "dtype" not in note
+    run.provenance["config"] = {**config, "dtype": "bfloat16"}
+    note = _row(compare(_write(tmp_path / "r2", [run]), ref), "sst2", 0, "simaou", "ft")["note"]
+    assert "dtype 'bfloat16' vs 'float32'" in note
