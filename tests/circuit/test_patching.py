@@ -13,7 +13,7 @@ import icl_lens as il
 from icl_lens import metrics as M
 from icl_lens.circuit import circuit_records
 from icl_lens.circuit import patching as P
-from tests.circuit.conftest import MODELS, toy_data
+from tests.circuit.conftest import MODELS, toy_data, toy_records
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -55,18 +55,7 @@ def test_zero_update_in_a_one_layer_rotary_toy_gives_zs_logits(models, site):
     row's residual is its token embedding plus the attention output, so putting ZS's attention
     output there gives exactly ZS's logits."""
     model, tok = models("toy1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rec = circuit_records(
-            model,
-            toy_data(tok, 4),
-            lr=0.05,
-            n_demos=6,
-            n_eval=4,
-            tokenizer=tok,
-            sites=["residual", "heads"],
-            shuffled=False,
-        )
+    rec = toy_records(model, tok, 4, n_demos=6, sites=["residual", "heads"], shuffled=False)
     value = rec.zs.residual[:, 0] if site == "residual" else rec.zs.z[:, 0]
     got = P.patched_label_logits(model, rec.icl_prompts, rec.label_ids, 0, value, site=site)
     torch.testing.assert_close(got, rec.zs.label_logits, atol=1e-4, rtol=1e-4)
@@ -158,18 +147,7 @@ def test_patch_curves_refusals(records, models):
     with pytest.raises(ValueError, match="patch site"):
         P.patch_curves(model, rec, site="resid")
     tok = models("toy")[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        only = circuit_records(
-            model,
-            toy_data(tok, 3),
-            lr=0.05,
-            n_demos=4,
-            n_eval=3,
-            tokenizer=tok,
-            sites=["resid"],
-            shuffled=False,
-        )
+    only = toy_records(model, tok, 3, n_demos=4, sites=["resid"], shuffled=False)
     with pytest.raises(ValueError, match="needs site 'residual'"):
         P.patch_curves(model, only)
     with pytest.warns(UserWarning, match="shuffled-label"):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 import icl_lens as il
 from icl_lens import backend as B
 from icl_lens.circuit import circuit_records
-from tests.circuit.conftest import MODELS, run_sites, toy_data
+from tests.circuit.conftest import MODELS, run_sites, toy_data, toy_records
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -166,18 +164,7 @@ def test_one_label_demos_skip_the_shuffled_baseline(models):
 
 def test_label_position_records(models):
     model, tok = models("toy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rec = circuit_records(
-            model,
-            toy_data(tok, 3),
-            lr=0.05,
-            n_demos=4,
-            n_eval=3,
-            tokenizer=tok,
-            record="label",
-            sites=["residual"],
-        )
+    rec = toy_records(model, tok, 3, n_demos=4, record="label", sites=["residual"])
     assert rec.record == "label"
     assert all(p.spans.record_pos == len(p.tokens) - 1 for p in rec.icl_prompts)
     with pytest.raises(ValueError, match="record='predict'"):

@@ -10,7 +10,7 @@ import torch
 
 from icl_lens.circuit import patching as P
 from icl_lens.circuit import views as V
-from tests.circuit.conftest import run_sites
+from tests.circuit.conftest import run_sites, toy_records
 
 matplotlib.use("Agg")
 
@@ -80,21 +80,8 @@ def test_figures_draw(records):
 
 
 def test_attention_frame_needs_demos_and_q_pre(models):
-    from icl_lens.circuit import circuit_records
-    from tests.circuit.conftest import toy_data
 
     model, tok = models("toy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rec = circuit_records(
-            model,
-            toy_data(tok, 2),
-            lr=0.05,
-            n_demos=4,
-            n_eval=2,
-            tokenizer=tok,
-            sites=["residual"],
-            shuffled=False,
-        )
+    rec = toy_records(model, tok, 2, n_demos=4, sites=["residual"], shuffled=False)
     with pytest.raises(ValueError, match="q_pre"):
         V.attention_frame(rec)
