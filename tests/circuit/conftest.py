@@ -60,17 +60,23 @@ def toy_data(tok, n_eval: int = 5, seed: int = 2) -> TaskData:
     return TaskData(toy_task(2), queries, pool, "toy", {"source": "toy_episode"})
 
 
-def toy_records(model, tok, n_eval: int, *, n_demos: int = 4, **kwargs):
+def toy_records(model, tok, n_eval: int, *, n_demos: int = 4, quiet: bool = True, **kwargs):
     """``circuit_records`` on ``toy_data(tok, n_eval)`` at lr 0.05, with the tiny FT's warnings
-    (e.g. an unstable denominator) silenced: these tests check shapes and sites, not them."""
+    (e.g. an unstable denominator) silenced unless ``quiet=False``: most tests check shapes and
+    sites, not them."""
     import warnings
 
     from icl_lens.circuit import circuit_records
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    def run():
         return circuit_records(model, toy_data(tok, n_eval), lr=0.05, n_demos=n_demos,
                                n_eval=n_eval, tokenizer=tok, **kwargs)  # fmt: skip
+
+    if not quiet:
+        return run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run()
 
 
 @pytest.fixture(scope="session")

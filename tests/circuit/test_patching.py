@@ -11,9 +11,8 @@ import torch
 
 import icl_lens as il
 from icl_lens import metrics as M
-from icl_lens.circuit import circuit_records
 from icl_lens.circuit import patching as P
-from tests.circuit.conftest import MODELS, toy_data, toy_records
+from tests.circuit.conftest import MODELS, toy_records
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -151,16 +150,8 @@ def test_patch_curves_refusals(records, models):
     with pytest.raises(ValueError, match="needs site 'residual'"):
         P.patch_curves(model, only)
     with pytest.warns(UserWarning, match="shuffled-label"):
-        only_res = circuit_records(
-            model,
-            toy_data(tok, 3),
-            lr=0.05,
-            n_demos=4,
-            n_eval=3,
-            tokenizer=tok,
-            sites=["residual"],
-            shuffled=False,
-        )
+        kw = {"sites": ["residual"], "shuffled": False}
+        only_res = toy_records(model, tok, 3, n_demos=4, quiet=False, **kw)
         res = P.patch_curves(model, only_res, directions=["icl_to_ft"], n_boot=0)
     assert "ft_shuffled" not in set(res.frame.variant)
 

@@ -102,16 +102,7 @@ def test_post_norm_scales_are_recorded_where_there_is_one(records):
 
 def test_sites_subset_and_missing_site(models):
     model, tok = models("toy")
-    rec = circuit_records(
-        model,
-        toy_data(tok, 3),
-        lr=0.05,
-        n_demos=4,
-        n_eval=3,
-        tokenizer=tok,
-        sites=["residual"],
-        shuffled=False,
-    )
+    rec = toy_records(model, tok, 3, n_demos=4, quiet=False, sites=["residual"], shuffled=False)
     assert rec.sites == ("residual",) and rec.icl.heads is None and rec.ft_shuffled is None
     with pytest.raises(ValueError, match="site 'heads' was not recorded"):
         rec.icl.site("heads")
@@ -123,16 +114,7 @@ def test_a_site_that_never_fires_is_named(models, monkeypatch):
     model, tok = models("toy")
     monkeypatch.setattr(B, "attended_q_hooks", lambda model, layer, fn: [])
     with pytest.raises(NotImplementedError, match=r"site 'q_post'.*did not fire"):
-        circuit_records(
-            model,
-            toy_data(tok, 2),
-            lr=0.05,
-            n_demos=4,
-            n_eval=2,
-            tokenizer=tok,
-            sites=["q_post"],
-            shuffled=False,
-        )
+        toy_records(model, tok, 2, n_demos=4, quiet=False, sites=["q_post"], shuffled=False)
 
 
 def test_an_unknown_post_norm_layout_blocks_only_the_sites_that_need_it(models, monkeypatch):
