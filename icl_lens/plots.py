@@ -1,11 +1,12 @@
 """The paper's figures and the controls its critiques need, drawn from a ``Results`` (or its
 tidy frame), never from a model.
 
-Seeds are aggregated the same way everywhere: a bar or line is the **mean over seeds**; its error
-bar (or band) spans the **mean over seeds of the per-seed 95% bootstrap CI bounds**, i.e. the
-uncertainty over evaluation examples at a typical seed; and with several seeds each seed's own
-value is a black dot, so the spread across seeds (different demonstrations) shows beside it.
-Rows without a CI (baseline accuracies, the learning-rate grid, chance levels) get dots only.
+Seeds are aggregated the same way everywhere: a bar or line is the **mean over seeds**, and each
+seed's own value is a dot beside it. With several seeds the error bar (or band) is the **95%
+t-interval of the mean over seeds**, so it reflects the spread across seeds (different
+demonstrations), which on the reference run is far wider than any one seed's bootstrap CI over
+evaluation examples. With one seed it is that seed's 95% bootstrap CI (rows without one get
+none). Every figure's footnote says which of the two it shows.
 
 Figures are built on matplotlib's Agg canvas without pyplot: nothing opens a window and the
 caller's backend is left alone. Metrics that were not run are left out of a figure; a figure
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 MAX_WIDTH = 15.0  # inches: wider figures wrap their panels onto more rows
-NOTE = "mean over seeds; error bars: mean of per-seed 95% bootstrap CIs; dots: single seeds"
 COS = "cosine similarity"
 # one colour per variant (and per baseline), the same in every figure
 COLORS = {
@@ -103,14 +104,30 @@ class Stat(NamedTuple):
 
 
 def _stat(rows: pd.DataFrame, scale: float = 1.0) -> Stat | None:
-    """Mean over seeds, mean CI bounds over the seeds that have one, per-seed values."""
+    """Mean over seeds with its 95% t-interval over seeds (several seeds) or the one seed's
+    bootstrap CI (one seed), and the per-seed values."""
     rows = rows[rows["value"].notna()]
     if rows.empty:
         return None
-    ci = rows[rows["ci_low"].notna() & rows["ci_high"].notna()]
-    lo, hi = (ci["ci_low"].mean(), ci["ci_high"].mean()) if len(ci) else (np.nan, np.nan)
     pts = rows.sort_values("seed")["value"].to_numpy(float)
-    return Stat(pts.mean() * scale, lo * scale, hi * scale, pts * scale)
+    mean = pts.mean()
+    if len(pts) > 1:
+        half = stats.t.ppf(0.975, len(pts) - 1) * pts.std(ddof=1) / np.sqrt(len(pts))
+        lo, hi = mean - half, mean + half
+    else:
+        lo, hi = rows["ci_low"].iloc[0], rows["ci_high"].iloc[0]
+        lo, hi = (lo, hi) if pd.notna(lo) and pd.notna(hi) else (np.nan, np.nan)
+    return Stat(mean * scale, lo * scale, hi * scale, pts * scale)
+
+
+def _note(f: pd.DataFrame, bars: str = "error bars", extra: str = "") -> str:
+    """The footnote that says what the error bars are (they differ with one or several seeds)."""
+    n = f["seed"].nunique()
+    if n > 1:
+        note = f"mean over {n} seeds (dots: single seeds); {bars}: 95% t-interval over seeds"
+    else:
+        note = f"one seed; {bars}: 95% bootstrap CI over evaluation examples"
+    return note + (f"; {extra}" if extra else "")
 
 
 def _rows(f: pd.DataFrame, s: S, group: str | None = None, layer: str = "mean") -> pd.DataFrame:
@@ -136,9 +153,9 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _finish(fig: Figure, f: pd.DataFrame, what: str, note: str = NOTE) -> Figure:
+def _finish(fig: Figure, f: pd.DataFrame, what: str, note: str | None = None) -> Figure:
     fig.suptitle(_title(f, what), fontsize=11)
-    fig.supxlabel(note, fontsize=7, color="#555555")
+    fig.supxlabel(_note(f) if note is None else note, fontsize=7, color="#555555")
     return fig
 
 
@@ -390,8 +407,7 @@ def layers(results: Results | pd.DataFrame) -> Figure:
             ax.grid(alpha=0.3)
             if r == 0:
                 _legend(ax)
-    note = "mean over seeds; bands: mean of per-seed 95% bootstrap CIs; dots: single seeds"
-    return _finish(fig, f, "Per-layer similarities", note)
+    return _finish(fig, f, "Per-layer similarities", _note(f, "bands"))
 
 
 def lr_sensitivity(results: Results | pd.DataFrame) -> Figure:
@@ -407,15 +423,17 @@ def lr_sensitivity(results: Results | pd.DataFrame) -> Figure:
         S("SimAM after", "simam_after", "", COLORS["before"]),
     ]
     groups = [g for g in _groups(f) if g in set(grid["group"])]
-    ncols = min(len(groups), 3)
+    # one column per task (up to six in a row), similarities above FT accuracy; one legend
+    # for the whole figure, so every panel keeps the same width
+    ncols = min(len(groups), len(TASK_ORDER))
     nrows = -(-len(groups) // ncols)
-    fig = _new_figure(3.6 * ncols + 2.2, 6.0 * nrows + 0.6)
-    axes = fig.subplots(2 * nrows, ncols, squeeze=False)
-    for ax in axes.ravel()[2 * len(groups) :]:
-        ax.set_visible(False)
+    fig = _new_figure(2.8 * ncols + 2.4, 5.4 * nrows + 0.8)
+    axes = fig.subplots(2 * nrows, ncols, squeeze=False, sharex=True)
+    for k in range(len(groups), nrows * ncols):
+        axes[2 * (k // ncols), k % ncols].set_visible(False)
+        axes[2 * (k // ncols) + 1, k % ncols].set_visible(False)
     for i, g in enumerate(groups):
         top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
-        bottom.sharex(top)
         rows = grid[grid["group"] == g]
         lrs = sorted(rows["lr"].unique())
         for s in sims:
@@ -436,17 +454,22 @@ def lr_sensitivity(results: Results | pd.DataFrame) -> Figure:
                            label="chosen lr (per seed)" if j == 0 else None)  # fmt: skip
         top.axhline(0, color="black", linewidth=0.6)
         top.set_title(g.replace("\n", " · "), fontsize=10)
-        top.set_ylabel(COS)
-        bottom.set_ylabel("FT accuracy (%)")
         bottom.set_ylim(0, 105)
-        bottom.set_xlabel("FT learning rate (log scale)")
+        bottom.set_xlabel("FT learning rate")
+        if i % ncols == 0:
+            top.set_ylabel(COS)
+            bottom.set_ylabel("FT accuracy (%)")
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.grid(alpha=0.3)
-        if i % ncols == ncols - 1 or i == len(groups) - 1:
-            for ax in (top, bottom):
-                _legend(ax)
-    note = "mean over seeds (lines), single seeds (dots); similarities are means over layers"
+    # one legend entry per label, gathered over every panel (a task may lack a series)
+    handles: dict[str, object] = {}
+    for ax in axes.ravel():
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
+               frameon=False)  # fmt: skip
+    note = _note(f, "bands", "similarities are means over layers")
     return _finish(fig, f, "Learning-rate sensitivity of the similarities and of FT", note)
 
 
@@ -494,7 +517,7 @@ def rec2ftp(results: Results | pd.DataFrame) -> Figure:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 112)
-    note = NOTE + "; Rec2FTP counts k/n summed over seeds; change agreement n = denominator"
+    note = _note(f, extra="Rec2FTP counts k/n summed over seeds; change agreement n = denominator")
     return _finish(fig, f, "Rec2FTP and change agreement", note)
 
 

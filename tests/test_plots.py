@@ -159,3 +159,42 @@ def test_figures_main_and_script(results, tmp_path):
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(NAMES)
     with pytest.raises(FileNotFoundError):
         plots.figures_main(str(tmp_path / "nowhere"), None)
+
+
+def _errorbar_half_widths(fig):
+    """The vertical extents of every drawn error bar, in drawing order."""
+    spans = []
+    for ax in fig.axes:
+        for coll in ax.collections:
+            segs = getattr(coll, "get_segments", lambda: [])()
+            spans += [abs(s[1][1] - s[0][1]) / 2 for s in segs if len(s) == 2 and s[0][0] == s[1][0]]
+    return spans
+
+
+def test_error_bars_are_seed_spread_with_several_seeds_and_the_ci_with_one(results):
+    from scipy import stats
+
+    frame = results.to_frame()
+    sel = (frame.metric == "simaou") & (frame.variant == "ft") & (frame.layer == "mean")
+    vals = frame[sel].sort_values("seed").value.to_numpy(float)
+    assert len(vals) == 2
+    half = stats.t.ppf(0.975, 1) * vals.std(ddof=1) / np.sqrt(2)  # by hand: t-interval of 2
+    st = plots._stat(frame[sel])
+    assert st.value == pytest.approx(vals.mean())
+    assert (st.hi - st.lo) / 2 == pytest.approx(half)
+    one = frame[sel & (frame.seed == 0)]
+    st1 = plots._stat(one)
+    assert (st1.lo, st1.hi) == (one.ci_low.iloc[0], one.ci_high.iloc[0])
+    fig = plots.simaou(frame)
+    assert "t-interval over seeds" in fig._supxlabel.get_text()
+    assert any(h == pytest.approx(half) for h in _errorbar_half_widths(fig))
+    assert "bootstrap CI" in plots.simaou(frame[frame.seed == 0])._supxlabel.get_text()
+
+
+def test_lr_sensitivity_has_no_empty_panel_and_one_legend(results):
+    fig = plots.lr_sensitivity(results)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert all(ax.lines for ax in visible)  # every visible panel draws something
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == len(set(labels)) and "FT accuracy" in labels
