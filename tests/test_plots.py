@@ -167,7 +167,8 @@ def _errorbar_half_widths(fig):
     for ax in fig.axes:
         for coll in ax.collections:
             segs = getattr(coll, "get_segments", lambda: [])()
-            spans += [abs(s[1][1] - s[0][1]) / 2 for s in segs if len(s) == 2 and s[0][0] == s[1][0]]
+            vertical = [s for s in segs if len(s) == 2 and s[0][0] == s[1][0]]
+            spans += [abs(s[1][1] - s[0][1]) / 2 for s in vertical]
     return spans
 
 
