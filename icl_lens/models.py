@@ -620,9 +620,14 @@ class Agreement:
     mean_abs_diff: float
     top1_agreement: float
     n_tokens: int
+    dtype: torch.dtype = torch.float32  # the hooked model's (the coarser of the two)
 
-    def ok(self, atol: float = 1e-3) -> bool:
-        return self.max_abs_diff <= atol
+    def ok(self, atol: float | None = None) -> bool:
+        """Within ``atol`` (default: ten times the self-check tolerance of ``dtype``, e.g.
+        1e-3 nats in fp32, 0.05 in fp16, 0.3 in bf16)."""
+        from icl_lens.checks import tolerance
+
+        return self.max_abs_diff <= (10 * tolerance(self.dtype) if atol is None else atol)
 
 
 @torch.no_grad()
@@ -651,7 +656,10 @@ def verify_against_hf(
         total += diff.mean(-1).sum().item()
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
     n = tokens.shape[0] * tokens.shape[1]
-    return Agreement(worst, total / n, agree / n, n)
+    from icl_lens.checks import model_dtype
+
+    coarser = max(model_dtype(model), model_dtype(hf_model), key=lambda d: torch.finfo(d).eps)
+    return Agreement(worst, total / n, agree / n, n, coarser)
 
 
 __all__ = [

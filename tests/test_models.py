@@ -153,8 +153,18 @@ def test_local_hf_directory_matches_hf(tmp_path, arch, processing):
     assert model.tokenizer.encode("w1 w2")[0] == 1  # BOS prepended
     agree = verify_against_hf(model, hf, TOKENS)
     assert agree.max_abs_diff < 1e-4 and agree.top1_agreement == 1.0
+    assert agree.dtype == torch.float32 and agree.ok()
     assert model_info(model)["source"].startswith("local:")
     assert B.dims(model).n_layers == 2
+
+
+def test_agreement_tolerance_follows_the_coarser_dtype(tmp_path):
+    hf = save_tiny(tmp_path / "llama", "llama")
+    model = load_model(tmp_path / "llama", progress=False, dtype=torch.bfloat16)
+    agree = verify_against_hf(model, hf, TOKENS)
+    assert agree.dtype == torch.bfloat16
+    assert 1e-3 < agree.max_abs_diff and agree.ok()  # bf16 rounding: fails fp32's 1e-3
+    assert not agree.ok(atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
