@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.checks import FastPathWarning, SelfCheckError, rel_diff, tolerance

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 import icl_lens
 from icl_lens import backend as B

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.checks import master_dtype, model_dtype, tolerance, warn

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 

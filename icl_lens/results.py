@@ -180,6 +180,40 @@ class Results:
         """Paper-style table: rows are tasks (mean over seeds), columns the headline numbers."""
         return summary_table(self.to_frame())
 
+    def _describe(self) -> str:
+        frame = self.to_frame()
+        if frame.empty:
+            return f"{len(self.runs)} runs, no rows"
+        seeds = sorted(frame["seed"].unique().tolist())
+        tasks = ", ".join(map(str, dict.fromkeys(frame["task"])))
+        models = ", ".join(map(str, dict.fromkeys(frame["model"])))
+        return f"{len(self.runs)} runs · model {models} · tasks {tasks} · seeds {seeds}"
+
+    def undefined(self) -> pd.DataFrame:
+        """The layer-mean rows whose value is undefined (NaN), with the reason each carries."""
+        f = self.to_frame()
+        f = f[(f.layer.astype(str) == "mean") & f["value"].isna()]
+        return f[["task", "seed", "metric", "variant", "note"]].reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        return f"<Results: {self._describe()}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary table (tasks as columns), and why any value is undefined."""
+        import html
+
+        head = f"<p><b>icl-lens Results</b>: {html.escape(self._describe())}</p>"
+        if not self.runs:
+            return head
+        table = self.summary().T.to_html(float_format=lambda v: f"{v:.3f}", na_rep="undefined")
+        reasons = self.undefined().dropna(subset=["note"]).drop_duplicates(["metric", "note"])
+        notes = "".join(
+            f"<li>{html.escape(f'{r.metric} {r.variant}'.strip())}: {html.escape(str(r.note))}</li>"
+            for r in reasons.itertuples()
+        )
+        foot = f"<p>undefined values:</p><ul>{notes}</ul>" if notes else ""
+        return head + table + foot
+
     def to_json(self) -> dict[str, Any]:
         """All runs in one object, with one ``checksum`` over all of them."""
         runs = [{k: v for k, v in r.to_json().items() if k != CHECKSUM} for r in self.runs]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend
 from icl_lens.tasks import Example, TaskSpec

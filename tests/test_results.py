@@ -179,3 +179,17 @@ def test_results_files_get_the_umask_mode_not_0600(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_results_render_as_html_with_the_reasons_for_undefined_values():
+    a = _run("sst2", 0, {"zs": 0.5, "icl": 0.75}, 0.2)
+    a.rows.append({**a.rows[0], "metric": "rec2ftp", "variant": "", "value": None,
+                   "note": "undefined: no ZS-wrong example"})  # fmt: skip
+    res = Results([a, _run("sst2", 1, {"zs": 0.5, "icl": 0.25}, 0.4)])
+    assert repr(res) == "<Results: 2 runs · model m · tasks sst2 · seeds [0, 1]>"
+    page = res._repr_html_()
+    assert "<table" in page and "50.000" in page  # ICL accuracy: mean of 75% and 25%
+    assert "0.300" in page  # SimAOU: mean over seeds
+    assert "undefined" in page and "no ZS-wrong example" in page
+    assert list(res.undefined()["metric"]) == ["rec2ftp"]
+    assert "no rows" in Results()._repr_html_()

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens import metrics as M

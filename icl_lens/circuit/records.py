@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels

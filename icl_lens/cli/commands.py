@@ -19,7 +19,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
+    from icl_lens.progress import tqdm
 
     from icl_lens.experiment import run_experiment
     from icl_lens.models import load_model
