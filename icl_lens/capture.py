@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, fields
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.checks import FastPathWarning, SelfCheckError, rel_diff, tolerance
 from icl_lens.checks import warn as _warn
 from icl_lens.memory import release_memory
+from icl_lens.progress import tqdm
 
 CONDITIONS = ("zs", "icl", "ft")
 __all__ = ["CONDITIONS", "FastPathWarning", "Records", "SelfCheckError", "capture"]

@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
 from icl_lens.checks import rel_l2, tolerance
+from icl_lens.progress import tqdm
 
 GROUPS = ("query", "demos", "other")
 

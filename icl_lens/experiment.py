@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from icl_lens.progress import tqdm
 
 import icl_lens
 from icl_lens import backend as B
@@ -36,6 +35,7 @@ from icl_lens.capture import Records, capture
 from icl_lens.checks import model_dtype
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
+from icl_lens.progress import tqdm
 from icl_lens.results import Results, RunResult, atomic_write_json
 from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task, label_token_ids
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.checks import master_dtype, model_dtype, tolerance, warn
 from icl_lens.memory import release_memory
+from icl_lens.progress import tqdm
 
 MODES = ("standard", "layer_causal")
 VOCAB_CHUNK = 2048  # unembedding columns per step of the loss's vocabulary pass (~5 MB fp32)

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
+from icl_lens.progress import tqdm
 
 log = logging.getLogger(__name__)
 

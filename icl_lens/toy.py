@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend
+from icl_lens.progress import tqdm
 from icl_lens.tasks import Example, TaskSpec
 
 ASSET_DIR = Path(__file__).parent / "assets"

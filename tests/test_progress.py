@@ -10,7 +10,12 @@ from icl_lens import progress
 
 @pytest.mark.parametrize(
     ("notebook", "widgets", "expected"),
-    [(False, False, "text"), (False, True, "text"), (True, True, "widgets"), (True, False, "quiet")],
+    [
+        (False, False, "text"),
+        (False, True, "text"),
+        (True, True, "widgets"),
+        (True, False, "quiet"),
+    ],
 )
 def test_style_follows_the_front_end(monkeypatch, notebook, widgets, expected):
     monkeypatch.delenv("ICL_LENS_PROGRESS", raising=False)

@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.circuit.records import CircuitRecords, forward_label_logits
 from icl_lens.circuit.sites import head_outputs
 from icl_lens.finetune import finetuned
+from icl_lens.progress import tqdm
 from icl_lens.tasks import Prompt
 
 DIRECTIONS = {  # direction: (the run patched, the variants put into it)

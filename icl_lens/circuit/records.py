@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from icl_lens.progress import tqdm
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
 from icl_lens.circuit.sites import DEFAULT_SITES, check_sites, head_outputs, site_hooks
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FTState, finetuned
+from icl_lens.progress import tqdm
 from icl_lens.tasks import (
     Example,
     Prompt,

@@ -19,10 +19,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     import pandas as pd
     import torch
-    from icl_lens.progress import tqdm
 
     from icl_lens.experiment import run_experiment
     from icl_lens.models import load_model
+    from icl_lens.progress import tqdm
     from icl_lens.results import Results
 
     if args.threads:
