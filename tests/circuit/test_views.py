@@ -85,3 +85,21 @@ def test_attention_frame_needs_demos_and_q_pre(models):
     rec = toy_records(model, tok, 2, n_demos=4, sites=["residual"], shuffled=False)
     with pytest.raises(ValueError, match="q_pre"):
         V.attention_frame(rec)
+
+
+@pytest.mark.parametrize("name", ["toy", "gemma3"])
+def test_plot_where_draws_the_tables_it_is_built_from(records, name):
+    from icl_lens.circuit.attribution import head_table, layer_table
+
+    _, rec = records(name)
+    fig = V.plot_where(rec)
+    layers, heads = layer_table(rec), head_table(rec)
+    lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].lines}
+    for site in ("resid", "residual", "attention"):
+        torch.testing.assert_close(torch.tensor(lines[site], dtype=torch.float64),
+                                   torch.tensor(layers[f"{site}_simaou"].values))  # fmt: skip
+    grid = fig.axes[1].images[0].get_array()
+    assert grid.shape == (rec.n_layers, rec.n_heads)
+    want = heads.set_index(["layer", "head"]).simaou
+    assert grid[rec.n_layers - 1, 0] == pytest.approx(want[(rec.n_layers - 1, 0)])
+    assert ("dla_icl" in heads) == (len(fig.axes) == 5)  # 3 panels + 2 colour bars
