@@ -404,6 +404,23 @@ def _fmt(x, spec: str = "+.4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def headline_diffs(a: dict, b: dict, name_a: str, name_b: str) -> list[str]:
+    """One line per headline metric in ``a`` or ``b`` (``_headline_rows``): both values, b - a,
+    and both CI half-widths; ``*`` marks a difference above the smaller half-width."""
+    lines = []
+    for key in HEADLINE:
+        if key not in a and key not in b:
+            continue
+        (va, ha), (vb, hb) = a.get(key, (None, None)), b.get(key, (None, None))
+        diff = None if va is None or vb is None else vb - va
+        widths = [h for h in (ha, hb) if h is not None]
+        flag = "*" if diff is not None and widths and abs(diff) > min(widths) else " "
+        lines.append(f"{key[0] + ' ' + key[1]:<28} {name_a} {_fmt(va, '.4f'):>7} {name_b} "
+                     f"{_fmt(vb, '.4f'):>7} diff {_fmt(diff):>8}{flag} half-widths "
+                     f"{_fmt(ha, '.4f')}, {_fmt(hb, '.4f')}")  # fmt: skip
+    return lines
+
+
 def compare(legs: dict[str, dict]) -> None:
     """The dtypes side by side: time, bound, floor, and each headline metric's difference from
     the first dtype next to both bootstrap CI half-widths."""
@@ -423,16 +440,8 @@ def compare(legs: dict[str, dict]) -> None:
         a, b = legs[ref]["rows"], legs[name]["rows"]
         print(f"headline metrics, {name} - {ref} (CI half-widths: {ref}, {name}; * = the "
               "difference exceeds the smaller):")  # fmt: skip
-        for key in HEADLINE:
-            if key not in a and key not in b:
-                continue
-            (va, ha), (vb, hb) = a.get(key, (None, None)), b.get(key, (None, None))
-            diff = None if va is None or vb is None else vb - va
-            widths = [h for h in (ha, hb) if h is not None]
-            flag = "*" if diff is not None and widths and abs(diff) > min(widths) else " "
-            print(f"  {key[0] + ' ' + key[1]:<28} {ref} {_fmt(va, '.4f'):>7} {name} "
-                  f"{_fmt(vb, '.4f'):>7} diff {_fmt(diff):>8}{flag} half-widths "
-                  f"{_fmt(ha, '.4f')}, {_fmt(hb, '.4f')}")  # fmt: skip
+        for line in headline_diffs(a, b, ref, name):
+            print(f"  {line}")
         if legs[ref]["lr"] != legs[name]["lr"]:
             print(f"  (the held-out accuracy chose lr {legs[name]['lr']:g} in {name}, "
                   f"{legs[ref]['lr']:g} in {ref}: FT rows compare different rates)")  # fmt: skip

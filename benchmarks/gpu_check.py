@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_flops import HEADLINE, _fmt, _headline_rows  # noqa: E402
+from bench_flops import _headline_rows, headline_diffs  # noqa: E402
 
 from icl_lens import backend as B  # noqa: E402
 from icl_lens.checks import rel_l2  # noqa: E402
@@ -193,16 +193,8 @@ def model_part(args, device: torch.device, dtype: torch.dtype) -> bool:
     shown = ref_path.relative_to(ROOT) if ref_path.is_relative_to(ROOT) else ref_path
     print(f"  headline metrics vs {shown} (fp32 cpu; * = difference above the smaller CI "
           "half-width):")  # fmt: skip
-    for key in HEADLINE:
-        (va, ha), (vb, hb) = theirs.get(key, (None, None)), ours.get(key, (None, None))
-        if va is None and vb is None:
-            continue
-        diff = None if va is None or vb is None else vb - va
-        widths = [h for h in (ha, hb) if h is not None]
-        flag = "*" if diff is not None and widths and abs(diff) > min(widths) else " "
-        print(f"    {key[0] + ' ' + key[1]:<28} cpu fp32 {_fmt(va, '.4f'):>7} {device.type} "
-              f"{_fmt(vb, '.4f'):>7} diff {_fmt(diff):>8}{flag} half-widths "
-              f"{_fmt(ha, '.4f')}, {_fmt(hb, '.4f')}")  # fmt: skip
+    for line in headline_diffs(theirs, ours, "cpu fp32", device.type):
+        print(f"    {line}")
     return True
 
 
