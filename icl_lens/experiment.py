@@ -50,7 +50,7 @@ ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
 _NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
 # Left out of ``key()`` at these values only (so the keys of results made before these fields
 # existed, all fp32 on the CPU, stay valid); any other value is part of the key.
-_KEY_DEFAULTS = {"dtype": "float32", "device": "cpu"}
+_KEY_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -81,6 +81,10 @@ class ExperimentConfig:
     # half-precision run's numbers differ from fp32's, so they are part of the key.
     dtype: str = "float32"
     device: str = "cpu"  # the device type ("cpu", "cuda", ...), not its index
+    # The layers whose per-layer metrics are reported, and that the "mean" row averages
+    # (None: all). Every layer is still run and FT still trains every layer's K/V: this
+    # chooses what is analysed, not the protocol.
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(ALL_BASELINES)
@@ -107,6 +111,13 @@ class ExperimentConfig:
             raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
+        if self.layers is not None:
+            if not self.layers or any(int(x) != x or x < 0 for x in self.layers):
+                raise ValueError(
+                    f"layers must be one or more layer indices >= 0, or None for all "
+                    f"(got {list(self.layers)})"
+                )
+            object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
 
     @property
     def ft_rates(self) -> list[float]:
@@ -164,9 +175,17 @@ def run_experiment(
     git_revision()  # pin the revision of the code now imported (see its docstring)
     if resume not in RESUME:
         raise ValueError(f"resume={resume!r}; choose one of {RESUME}")
+    if config.get("layers") is not None:
+        config["layers"] = tuple(config["layers"])
     cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds),
                            dtype=dtype_name(model_dtype(model)),
                            device=B.input_device(model).type, **config)  # fmt: skip
+    n_layers = B.dims(model).n_layers
+    if cfg.layers is not None and max(cfg.layers) >= n_layers:
+        raise ValueError(
+            f"layers {list(cfg.layers)} out of range: the model has {n_layers} layers "
+            f"(0..{n_layers - 1})"
+        )
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("the model has no tokenizer; pass tokenizer=...")
@@ -415,19 +434,20 @@ class _Ctx:
         )
 
     def add_layered(self, metric, variant, per_ex_layer: torch.Tensor, *, kind="result", lr=None):
-        """Per-layer means (over examples) and their mean, each with a bootstrap CI.
+        """Per-layer means (over examples) and their mean, each with a bootstrap CI; with
+        ``layers`` in the config, only those layers and the mean over them.
 
         Undefined entries (NaN, e.g. a zero update) are left out; ``n`` says how many were used.
         """
         x = per_ex_layer.double()
         ok = ~torch.isnan(x)
-        n_layers = x.shape[1]
+        layers = self.cfg.layers if self.cfg.layers is not None else range(x.shape[1])
         why = self._why()
-        for layer in range(n_layers):
+        for layer in layers:
             col = x[ok[:, layer], layer]
             self._add_mean(metric, variant, col, kind, layer, lr, len(x), why)
-        # overall: per example, mean over its defined layers; then over examples
-        per_ex = torch.nanmean(x, dim=1)
+        # overall: per example, mean over its defined (chosen) layers; then over examples
+        per_ex = torch.nanmean(x[:, list(layers)], dim=1)
         per_ex = per_ex[~torch.isnan(per_ex)]
         self._add_mean(metric, variant, per_ex, kind, "mean", lr, len(x), why)
 
@@ -599,7 +619,8 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         }
     )
     for layer, v in enumerate(ctx.diagnostics["visible_demo_tokens_per_layer"]):
-        ctx.add("visible_demo_tokens", "icl", v, kind="diagnostic", layer=layer)
+        if cfg.layers is None or layer in cfg.layers:
+            ctx.add("visible_demo_tokens", "icl", v, kind="diagnostic", layer=layer)
     provenance = _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout)
     provenance["fast_paths"] = {
         "captures": fast_paths,

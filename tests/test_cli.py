@@ -697,3 +697,33 @@ def test_dtype_and_device_reach_the_model_and_pick_their_own_directory(monkeypat
 def test_bad_device_is_one_line_before_the_model_loads(capsys, no_model, tmp_path, device, says):
     assert cli.main(["reproduce", "--device", device, "--out", str(tmp_path)]) == 2
     assert says in one_line(capsys)
+
+
+def _close_bars() -> None:
+    """Close the bars a stand-in run left open (it raised inside them)."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
+def test_layers_reach_run_experiment_and_are_checked_against_the_model(
+    monkeypatch, tmp_path, capsys
+):
+    use_model(monkeypatch, toy_model())  # 2 layers
+    seen: dict = {}
+    fake_run(monkeypatch, seen)
+    base = ["reproduce", "--tasks", "mr", "--out", str(tmp_path), "--no-figures"]
+    with pytest.raises(RunStarted):
+        cli.main([*base, "--layers", "1", "0-1"])
+    assert seen["layers"] == (0, 1)
+    seen.clear()
+    _close_bars()
+    capsys.readouterr()
+    assert cli.main([*base, "--layers", "0", "2-3"]) == 2
+    assert "--layers 3: the model has 2 layers; use 0-1" in one_line(capsys)
+    assert seen == {}  # nothing ran
+    for bad in ("x", "3-1", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*base, "--layers", bad])
+        assert exit_.value.code == 2 and "--layers" in capsys.readouterr().err

@@ -427,3 +427,26 @@ def test_each_ft_reports_its_loss_rise_as_a_diagnostic_row():
     assert rows["ft"]["value"] == pytest.approx(1.0)
     assert rows["untrained"]["value"] == pytest.approx(1.4) and rows["untrained"]["n"] == 4
     assert rows["untrained"]["kind"] == "diagnostic" and rows["untrained"]["lr"] == 1e-4
+
+
+def test_layers_choose_the_reported_layers_and_what_the_mean_averages(toy_setup, toy_results):
+    model, tok, data = toy_setup
+    one = E.run_experiment(model, data.task, data=data, tokenizer=tok, layers=[1], **FAST)
+    full, part = toy_results.to_frame(), one.to_frame()
+    assert set(part.layer) == {"1", "mean"}
+    assert list(one.runs[0].provenance["config"]["layers"]) == [1]
+
+    def sel(f, metric, layer):
+        return f[(f.metric == metric) & (f.variant == "ft") & (f.layer == layer)].value.iloc[0]
+
+    for metric in ("simaou", "kendall_token", "simam_after"):
+        # same seed, same numbers: layer 1 as in the full run, and the mean is over layer 1 only
+        assert sel(part, metric, "1") == pytest.approx(sel(full, metric, "1"), abs=1e-12)
+        assert sel(part, metric, "mean") == pytest.approx(sel(full, metric, "1"), abs=1e-12)
+    acc = lambda f: f[(f.metric == "accuracy") & (f.variant == "icl")].value.iloc[0]  # noqa: E731
+    assert acc(part) == acc(full)  # not a per-layer metric: unchanged
+    assert E.ExperimentConfig(layers=(1,)).key() != E.ExperimentConfig().key()
+    with pytest.raises(ValueError, match="the model has 2 layers"):
+        E.run_experiment(model, data.task, data=data, tokenizer=tok, layers=[2], **FAST)
+    with pytest.raises(ValueError, match="layers must be one or more"):
+        E.ExperimentConfig(layers=())

@@ -48,6 +48,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         config["shared_prefix"] = False
     if args.no_self_checks:
         config["self_checks"] = False
+    if args.layers:
+        config["layers"] = _check_layers(args.layers, model)
     results = Results()
     for data in tqdm(plan.data, desc="tasks"):
         results = results + run_experiment(
@@ -83,6 +85,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(f"results in {out} ({time.time() - start:.0f} s)")
     _compare_with_reference(results, out)
     return 0
+
+
+def _check_layers(specs: list[list[int]], model) -> tuple[int, ...]:
+    """``--layers``, flattened, against the loaded model's layer count (before any work)."""
+    from icl_lens import backend as B
+
+    layers = sorted({i for spec in specs for i in spec})
+    n = B.dims(model).n_layers
+    if layers[-1] >= n:
+        raise UsageError(f"--layers {layers[-1]}: the model has {n} layers; use 0-{n - 1}")
+    return tuple(layers)
 
 
 def _compare_with_reference(results, out: Path) -> None:

@@ -31,6 +31,20 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _layer_spec(text: str) -> list[int]:
+    """``--layers`` items: a layer index ("5") or an inclusive range ("6-11")."""
+    lo, sep, hi = text.partition("-")
+    try:
+        first, last = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a layer index or a range like 6-11, got {text!r}"
+        ) from None
+    if first < 0 or last < first:
+        raise argparse.ArgumentTypeError(f"expected layers >= 0 and a rising range, got {text!r}")
+    return list(range(first, last + 1))
+
+
 def _learning_rate(text: str) -> float:
     try:
         value = float(text)
@@ -187,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="torch device for the model: cpu (default), cuda, cuda:N, mps; checked before "
         "the model loads. A non-CPU device writes to OUT/<model>[-<dtype>]-<device type>/",
+    )
+    rep.add_argument(
+        "--layers",
+        nargs="+",
+        type=_layer_spec,
+        metavar="L",
+        help="report per-layer metrics only for these layers (indices or ranges, e.g. 0 6-11), "
+        "and average the 'mean' rows over them; every layer still runs and FT still trains "
+        "every layer's K/V (default: all layers). Checked against the model once it loads, "
+        "before any work",
     )
     rep.add_argument(
         "--threads",
