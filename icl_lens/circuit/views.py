@@ -156,6 +156,7 @@ def plot_where(records: CircuitRecords, other: str = "ft") -> Any:
     (``layer_table``, ``head_table``). Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     from icl_lens.circuit.attribution import head_table, layer_table
 
@@ -171,6 +172,7 @@ def plot_where(records: CircuitRecords, other: str = "ft") -> Any:
         ax.plot(layers.layer, layers[f"{site}_simaou"], "-o", ms=3, color=colour, label=site)
         ax.plot(layers.layer, layers[f"{site}_null"], ":", color=colour, label=f"{site} null")
     ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"cos(ΔICL, Δ{other.upper()})")
     ax.set_title("update similarity per site (dotted: null)", fontsize=9)
@@ -182,6 +184,8 @@ def plot_where(records: CircuitRecords, other: str = "ft") -> Any:
         grid = heads.pivot(index="layer", columns="head", values=col).to_numpy(float)
         lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
         im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, origin="lower")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=9)
