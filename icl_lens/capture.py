@@ -1,10 +1,27 @@
 """One hooked pass per condition (ZS, ICL, FT): keep only what the analyses need.
 
 For every prompt, ``capture`` records at the recorded position (DESIGN §2):
-the attention output of every layer (``hook_attn_out``), the pre-softmax score row of every
-layer and head sliced to the query's own tokens and to the demonstration tokens, and the
-scaled query vector (all heads concatenated); at the prediction position it scores only the
-label words (final norm + the label words' unembedding columns, never the full vocabulary).
+the attention output of every layer at both recording sites (``circuit.sites``), the
+pre-softmax score row of every layer and head sliced to the query's own tokens and to the
+demonstration tokens, and the scaled query vector (all heads concatenated) before and after
+RoPE/q-norm; at the prediction position it scores only the label words (final norm + the
+label words' unembedding columns, never the full vocabulary).
+
+Recording sites (DESIGN §2, "Recording sites on modern architectures"):
+
+- ``attn_out``: site ``"residual"``, ``hook_attn_out``, what the block adds to the residual
+  stream. The default for SimAOU: the paper's "attention output" as TL exposes it, and the
+  site of the committed reference results.
+- ``attn_pre_norm``: site ``"attention"``, after W_O (+ b_O), before any post-attention norm
+  (Gemma-2/3's ``ln1_post``). On a model without one it *is* ``attn_out`` (the same tensor,
+  recorded once).
+- ``q``: site ``"q_pre"``, ``hook_q`` / sqrt(scale), the query as projected. The default for
+  Kendall: it is what the FT dual form's stored training queries are (the input of the
+  linear layer, Irie et al.), and the reference's site.
+- ``q_post``: site ``"q_post"``, the query attention scores with (after q-norm and RoPE),
+  scaled the same way. On a model without RoPE or q-norm it *is* ``q``. A site this model
+  or TL version does not expose (or whose hook never fires) is ``None``, with the reason in
+  ``Records.sites``.
 
 With the same demonstrations for every query (the paper's setting), the demonstration prefix
 runs once and its keys/values are reused for padded batches of queries.
@@ -12,6 +29,7 @@ runs once and its keys/values are reused for padded batches of queries.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -26,7 +44,8 @@ from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
 
 CONDITIONS = ("zs", "icl", "ft")
-__all__ = ["CONDITIONS", "FastPathWarning", "Records", "SelfCheckError", "capture"]
+__all__ = ["CONDITIONS", "FastPathWarning", "Records", "SelfCheckError", "capture",
+           "recording_sites"]  # fmt: skip
 
 
 @dataclass
@@ -35,6 +54,10 @@ class Records:
 
     Score rows are padded to the longest query; ``query_mask``/``demo_mask`` mark the keys
     that are real and visible to the recorded row in that layer (sliding windows hide some).
+    ``attn_out``/``attn_pre_norm`` and ``q``/``q_post`` are the two recording sites of the
+    attention output and the query (module docstring); where the sites coincide the second is
+    the first tensor itself, and where it is unavailable it is None. ``sites`` says which
+    hooks each read (``recording_sites``) and why one is missing.
     """
 
     condition: str
@@ -52,6 +75,10 @@ class Records:
     n_tokens: Int[Tensor, " example"] = field(default_factory=lambda: torch.zeros(0))
     prefix_cached: bool = False
     checks: dict = field(default_factory=dict)  # what the run-time self-checks measured
+    # the other recording sites (see the module docstring)
+    attn_pre_norm: Float[Tensor, "example layer d_model"] | None = None
+    q_post: Float[Tensor, "detail_example layer d_q"] | None = None
+    sites: dict = field(default_factory=dict)
 
     @property
     def preds(self) -> Int[Tensor, " example"]:
@@ -77,6 +104,54 @@ def _shared_prefix(prompts: Sequence) -> int:
     return n
 
 
+def _template(names: Sequence[str]) -> list[str]:
+    """Layer 0's hook names with the layer as ``{l}``."""
+    return [n.replace("blocks.0.", "blocks.{l}.") for n in names]
+
+
+def recording_sites(model: nn.Module) -> dict[str, dict]:
+    """Which hooks each recorded field reads on this model (layer as ``{l}``).
+
+    ``{"residual": {"field": "attn_out", ...}, "attention": {"field": "attn_pre_norm", ...},
+    "q_pre": {"field": "q", ...}, "q_post": {"field": "q_post", ...}}``; each entry has
+    ``hooks`` (names), ``same_as`` (the default site it coincides with on this model:
+    no post-attention norm, or no RoPE/q-norm; else None) and ``unavailable`` (why the model
+    or TL version does not expose it; else None).
+    """
+    d = B.dims(model)
+    noop = lambda t: None  # noqa: E731
+    out = {
+        "residual": {"field": "attn_out", "hooks": [B.hook_name("attn_out", 0)]},
+        "attention": {"field": "attn_pre_norm"},
+        "q_pre": {"field": "q", "hooks": [B.hook_name("q", 0)]},
+        "q_post": {"field": "q_post"},
+    }
+    for site in out.values():
+        site.update(same_as=None, unavailable=None)
+        site.setdefault("hooks", [])
+    try:
+        norms = [B.post_attn_norm(model, layer) for layer in range(d.n_layers)]
+        names = [[n for n, _ in B.attn_pre_norm_hooks(model, layer, noop)]
+                 for layer in range(d.n_layers)]  # fmt: skip
+        out["attention"]["hooks"] = names[0]
+        if all(n is None for n in norms):
+            out["attention"]["same_as"] = "residual"
+    except NotImplementedError as e:
+        out["attention"]["unavailable"] = str(e)
+    try:
+        names = [[n for n, _ in B.attended_q_hooks(model, layer, noop)]
+                 for layer in range(d.n_layers)]  # fmt: skip
+        out["q_post"]["hooks"] = names[0]
+        plain = all(n == [B.hook_name("q", layer)] for layer, n in enumerate(names))
+        if plain and d.positional != "rotary":  # the adapter's own answer: hook_q is attended
+            out["q_post"]["same_as"] = "q_pre"
+    except NotImplementedError as e:
+        out["q_post"]["unavailable"] = str(e)
+    for site in out.values():
+        site["hooks"] = _template(site["hooks"])
+    return out
+
+
 def capture(
     model: nn.Module,
     prompts: Sequence,
@@ -93,9 +168,15 @@ def capture(
 
     ``shared_prefix=None`` reuses the demonstration prefix's keys/values whenever all prompts
     share it and the model supports it; ``False`` always runs full prompts.
-    ``detail_limit=N`` keeps the two large per-example fields, ``q`` and ``demo_scores``, for
-    the first N prompts only (Kendall reads no more); everything else, ``demo_mask`` included,
-    is kept for all, so pair ``demo_scores`` with ``demo_mask[: len(demo_scores)]``.
+    ``detail_limit=N`` keeps the large per-example fields, ``q``, ``q_post`` and
+    ``demo_scores``, for the first N prompts only (Kendall reads no more); everything else,
+    ``demo_mask`` included, is kept for all, so pair ``demo_scores`` with
+    ``demo_mask[: len(demo_scores)]``.
+
+    Both recording sites of the attention output and of the query are kept (module
+    docstring); a site that coincides with the default on this model is not recorded twice
+    (its field is the default's tensor), and one the model does not expose, or whose hook
+    never fires, is None with the reason in ``Records.sites``.
 
     ``self_check=True`` (the default) first verifies the fast paths on this model, cheaply
     (the shortest and the longest prompt): the label-word logits equal the model's own
@@ -103,7 +184,8 @@ def capture(
     visible-key masks match the pattern's zeros and the model's sliding windows; and the
     shared-prefix records equal full-prompt records. A failing fast path falls back to the
     plain one with a ``FastPathWarning``; wrong scores raise ``SelfCheckError``. What ran
-    and what the checks measured is in ``Records.checks``.
+    and what the checks measured is in ``Records.checks``; the shared-prefix check covers
+    every recorded field, the other sites' included.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
@@ -151,7 +233,7 @@ def capture(
         prefix = torch.tensor(prompts[0].tokens[:prefix_len], device=B.input_device(model))
         cache = B.prefix_cache(model, prefix)
 
-    out = _alloc(n, n_detail, d, len(run.label_ids), q_len, n_demo)
+    out = _alloc(n, n_detail, d, len(run.label_ids), q_len, n_demo, run.extra)
     bar = tqdm(total=n, desc=f"capture {condition}", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = torch.tensor(order[start : start + batch_size])
@@ -186,12 +268,17 @@ def capture(
         n_tokens=torch.tensor([len(p.tokens) for p in prompts]),
         prefix_cached=bool(prefix_len),
         checks=checks,
+        attn_pre_norm=run.other_site(out, "attention"),
+        q_post=run.other_site(out, "q_post"),
+        sites=run.sites,
     )
 
 
-def _alloc(n: int, n_detail: int, d: B.ModelDims, n_labels: int, q_len: int, n_demo: int):
-    """The CPU outputs one capture fills (rows in input order)."""
-    return {
+def _alloc(n: int, n_detail: int, d: B.ModelDims, n_labels: int, q_len: int, n_demo: int,
+           extra: Sequence[str] = ()) -> dict[str, Tensor]:  # fmt: skip
+    """The CPU outputs one capture fills (rows in input order); ``extra``: the other sites
+    recorded separately on this model ("attention", "q_post")."""
+    out = {
         "logits": torch.empty(n, n_labels),
         "attn_out": torch.empty(n, d.n_layers, d.d_model),
         "q": torch.empty(n_detail, d.n_layers, d.d_q),
@@ -200,6 +287,11 @@ def _alloc(n: int, n_detail: int, d: B.ModelDims, n_labels: int, q_len: int, n_d
         "ds": torch.zeros(n_detail, d.n_layers, d.n_heads, n_demo),
         "dm": torch.zeros(n, d.n_layers, n_demo, dtype=torch.bool),
     }
+    if "attention" in extra:
+        out["attn_pre"] = torch.empty(n, d.n_layers, d.d_model)
+    if "q_post" in extra:
+        out["q_post"] = torch.empty(n_detail, d.n_layers, d.d_q)
+    return out
 
 
 # --------------------------------------------------------------------------- self-checks
@@ -225,7 +317,7 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     k = len(sample)
     idx = torch.arange(k)
     n_demo = len(run.demo_pos)
-    plain = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo)
+    plain = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo, run.extra)
     probe: dict = {"scores": {}, "pattern": {}}
     run(sample, idx, plain, k, 0, None, probe=probe)
     checks["scores"] = _check_scores(probe, sample, tol, arch)
@@ -239,14 +331,18 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     try:
         prefix = torch.tensor(sample[0].tokens[:prefix_len], device=B.input_device(run.model))
         cache = B.prefix_cache(run.model, prefix)
-        fast = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo)
+        fast = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo, run.extra)
+        run.checking_prefix = True
         run(sample, idx, fast, k, prefix_len, cache)
     except Exception as e:  # noqa: BLE001 - any failure of the fast path means: do not use it
         report["reason"] = f"{type(e).__name__}: {e}"
         _warn(f"{arch}: the shared-prefix KV cache failed ({report['reason']}); running full "
               "prompts instead")  # fmt: skip
         return 0
-    diffs = {name: rel_diff(fast[key], plain[key]) for name, key in _COMPARED.items()}
+    finally:
+        run.checking_prefix = False
+    diffs = {name: rel_diff(fast[key], plain[key]) for name, key in _COMPARED.items()
+             if key in fast and key in plain}  # fmt: skip
     masks = {name: bool(torch.equal(fast[key], plain[key])) for name, key in _MASKS.items()}
     report.update(max_rel_diff=diffs, masks_equal=masks)
     bad = [f"{k} off by {v:.3g}" for k, v in diffs.items() if not v <= tol]
@@ -261,8 +357,10 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     return prefix_len
 
 
+# every recorded field (the other sites where they are recorded separately on this model)
 _COMPARED = {"label_logits": "logits", "attn_out": "attn_out", "q": "q",
-             "query_scores": "qs", "demo_scores": "ds"}  # fmt: skip
+             "query_scores": "qs", "demo_scores": "ds", "attn_pre_norm": "attn_pre",
+             "q_post": "q_post"}  # fmt: skip
 _MASKS = {"query_mask": "qm", "demo_mask": "dm"}
 
 
@@ -336,6 +434,10 @@ def _pad_left(row: Tensor, n: int) -> Tensor:
     return torch.nn.functional.pad(row, (n, 0), value=float("-inf"))
 
 
+# other site -> (its key in a capture's outputs, the default site's key it may coincide with)
+_OTHER_SITES = {"attention": ("attn_pre", "attn_out"), "q_post": ("q_post", "q")}
+
+
 class _Pass:
     """What every batch of one capture shares: the model, the label words' unembedding, the
     attention scales, the demonstration positions, and which label-logit path to take."""
@@ -352,6 +454,40 @@ class _Pass:
         self.cap = B.logit_soft_cap(model)
         self.scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
         self.from_model_logits = False  # set when the label-column path fails its check
+        self.checking_prefix = False  # set during the self-check's shared-prefix pass
+        self.sites = recording_sites(model)
+        # the other sites this model needs recorded separately (not the default's tensor)
+        sites = self.sites
+        self.extra = [s for s in _OTHER_SITES
+                      if not (sites[s]["same_as"] or sites[s]["unavailable"])]  # fmt: skip
+
+    def other_site(self, out: dict[str, Tensor], site: str) -> Tensor | None:
+        """Site ``site``'s records in ``out``: the default's own tensor where they coincide,
+        None where unavailable."""
+        info = self.sites[site]
+        if info["unavailable"]:
+            return None
+        if info["same_as"]:
+            return out[_OTHER_SITES[site][1]]
+        return out[_OTHER_SITES[site][0]]
+
+    def _not_fired(self, fired: set, prefix_len: int) -> None:
+        """After a pass: an other site whose hooks did not fire in every layer (a TL 4 bridge
+        may list a hook it never calls) is unavailable from now on, with the reason; in the
+        self-check's shared-prefix pass this raises instead (that path then fails its check,
+        and the plain path decides)."""
+        for site in list(self.extra):
+            missing = [layer for layer in range(self.d.n_layers) if (site, layer) not in fired]
+            if not missing:
+                continue
+            hooks = ", ".join(self.sites[site]["hooks"])
+            why = (f"{B.architecture(self.model)} on TL {B.TL_VERSION}: {hooks} did not fire "
+                   f"in layer(s) {missing}")  # fmt: skip
+            if prefix_len and self.checking_prefix:
+                raise B.PrefixCacheError(f"site {site!r}: {why} (shared prefix)")
+            self.sites[site]["unavailable"] = why
+            self.extra.remove(site)
+            warnings.warn(f"site {site!r} is not recorded: {why}", stacklevel=4)
 
     def label_logits(self, x: Tensor) -> Tensor:
         """Final-normed residual rows -> the label words' logits (bias, soft cap)."""
@@ -403,17 +539,21 @@ class _Pass:
         demo_idx = torch.tensor(self.demo_pos, dtype=torch.long)
         detail = idx < n_detail  # batch rows whose q / demo scores are kept
 
-        def attn_out_hook(layer):
-            def hook(t, hook):
-                out["attn_out"][idx, layer] = _at(t, rows, rec).float().cpu()
+        fired: set[tuple[str, int]] = set()  # (other site, layer) whose hooks were called
+
+        def attn_out_hook(layer, key="attn_out", site=None):
+            def hook(t, hook=None):
+                out[key][idx, layer] = _at(t, rows, rec).float().cpu()
+                fired.add((site, layer))
 
             return hook
 
-        def q_hook(layer):
-            def hook(t, hook):
+        def q_hook(layer, key="q", site=None):
+            def hook(t, hook=None):
                 if detail.any():
                     q = _at(t, rows[detail], rec[detail]).flatten(-2) / self.scales[layer] ** 0.5
-                    out["q"][idx[detail], layer] = q.float().cpu()
+                    out[key][idx[detail], layer] = q.float().cpu()
+                fired.add((site, layer))
 
             return hook
 
@@ -458,6 +598,12 @@ class _Pass:
                 (B.hook_name("q", layer), q_hook(layer)),
             ]
             hooks += B.attn_scores_hooks(model, layer, scores_hook(layer))
+            if "attention" in self.extra:
+                hooks += B.attn_pre_norm_hooks(
+                    model, layer, attn_out_hook(layer, "attn_pre", "attention")
+                )
+            if "q_post" in self.extra:
+                hooks += B.attended_q_hooks(model, layer, q_hook(layer, "q_post", "q_post"))
             if probe is not None:
                 hooks.append((B.hook_name("pattern", layer), pattern_hook(layer)))
         stop = None if self.from_model_logits else B.final_norm_hook_name(model)
@@ -469,6 +615,7 @@ class _Pass:
         else:
             # right padding needs no mask: under causal attention no real row sees a pad
             logits = B.run_until(model, tokens, hooks, stop_at=stop)
+        self._not_fired(fired, prefix_len)
         if self.from_model_logits:
             ids = torch.tensor(self.label_ids, device=logits.device)
             label_logits = _at(logits, rows, pred)[:, ids]

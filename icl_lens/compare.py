@@ -25,9 +25,11 @@ is over its own seeds and its half-width is the seeds' standard error (one seed:
 half-width), since the demonstrations then differ.
 
 **Not compared.** A value missing on one side (a task, seed or baseline that was not run) is
-noted ``"missing in run"`` / ``"missing in reference"``, and one whose (task, seed) runs differ
-in model, data file, config (``config_key``; the list of seeds run and the fast-path switches
-are ignored, they do not change a seed's numbers) or evaluation/demonstration ids is noted
+noted ``"missing in run"`` / ``"missing in reference"`` (a value at the other recording site,
+absent from results made before those sites were recorded, says so), and one whose (task,
+seed) runs differ in model, data file, config (``config_key``; the list of seeds run and the
+fast-path switches are ignored, they do not change a seed's numbers) or evaluation/demonstration
+ids is noted
 ``"not comparable: ..."``: its ``within`` is NA (pandas' nullable boolean), never False. Only
 ``within == False`` is a value that does not reproduce. A different chosen FT learning rate is
 not a different config (the protocol chooses it) but is noted, since it explains differing FT
@@ -53,6 +55,10 @@ _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks")
 # fields added later, and what a file without them ran with (older files ran fp32 on the CPU)
 _CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu"}
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
+# headline metrics at the other recording sites (experiment.SITES): results made before those
+# were recorded lack them, which is noted as such, not as a difference
+_OTHER_SITE_METRICS = {m for m, _, _ in SUMMARY_COLUMNS if m.endswith(("_attention", "_q_post"))}
+_BEFORE_SITES = " (made before the other recording sites were recorded)"
 _ORDER = {(m, v): i for i, (m, v, _) in enumerate(SUMMARY_COLUMNS)}
 FRAME_COLUMNS = [
     "task",
@@ -306,6 +312,8 @@ def _seed_row(a, b, task, seed, metric, variant, provenance_notes, lr_notes) -> 
     if not (in_a and in_b):
         missing = [s for s, has in (("run", in_a), ("reference", in_b)) if not has]
         row["note"] = "missing in " + " and ".join(missing)
+        if len(missing) == 1:
+            row["note"] += _why_missing(a if in_b else b, task, metric, [seed])
         if in_a:
             row["run"] = a["values"][key][0]
         if in_b:
@@ -383,6 +391,7 @@ def _mean_row(a, b, task, metric, variant, per_seed: list[dict[str, Any]]) -> di
         row["note"] = blocked[0]
     elif not va or not vb:
         row["note"] = "missing in " + ("run" if not va else "reference")
+        row["note"] += _why_missing(a if not va else b, task, metric, [r["seed"] for r in per_seed])
     elif not fa and not fb:
         row["within"] = True
         row["note"] = "undefined on both sides"
@@ -398,6 +407,15 @@ def _mean_row(a, b, task, metric, variant, per_seed: list[dict[str, Any]]) -> di
         row.update(tolerance=tol, within=_within(x - y, tol, x, y))
         row["note"] = f"different seeds: run {_seeds(fa)} vs reference {_seeds(fb)}"
     return row
+
+
+def _why_missing(side: dict[str, Any], task: str, metric: str, seeds: list) -> str:
+    """Why ``side`` lacks ``metric`` where it has runs of ``task`` at ``seeds``: those runs
+    were made before the other recording sites were recorded (no ``provenance["sites"]``)."""
+    prov = [side["prov"][(task, s)] for s in seeds if (task, s) in side["prov"]]
+    if metric in _OTHER_SITE_METRICS and prov and not any("sites" in p for p in prov):
+        return _BEFORE_SITES
+    return ""
 
 
 def _mean_hw(values: dict[int, tuple[float, float]]) -> float:

@@ -6,6 +6,29 @@ recorded position. Beside each similarity it reports the controls that make it m
 random vectors (uniform as in the paper, and Gaussian), the shared-origin null, the parts
 orthogonal to ZS, an untrained model, FT on shuffled labels, layer-causal FT, and the
 similarities across the whole learning-rate grid.
+
+Recording sites (DESIGN §2; ``capture`` module docstring). On modern models "the attention
+output" and "the query" each have two sites, so both are reported, the default under the
+metric's own name and the other beside it (``SITES``; ``provenance["sites"]`` names the hooks):
+
+- SimAOU (and its shared-origin null and orthogonal variant) at site ``"residual"``,
+  ``hook_attn_out``, what the attention block adds to the residual stream:
+  ``simaou``, ``simaou_null``, ``simaou_orthogonal``. At site ``"attention"`` (after W_O,
+  before any post-attention norm): ``simaou_attention``, ``simaou_null_attention``,
+  ``simaou_orthogonal_attention``.
+- Kendall with the FT side's queries at site ``"q_pre"``, ``hook_q``, the query as projected:
+  ``kendall_token``, ``kendall_example``. At site ``"q_post"`` (after q-norm and RoPE, the
+  query attention scores with): ``kendall_token_q_post``, ``kendall_example_q_post``. The
+  ICL side (the recorded score row) is the same for both.
+
+The defaults keep the paper's definitions as TL exposes them: the attention output is what the
+block adds to the residual stream, and the FT dual form's stored training queries are the
+query as projected, the input of the linear layer whose update FT is compared with (Irie et
+al.); they are also the sites of the committed reference results, which stay comparable. The
+other site is reported beside the default because on Gemma-2/3 (post-attention norms, RoPE,
+q-norm) the two differ materially; on a model without a post-attention norm, RoPE or q-norm
+they coincide (the same tensor, and equal values). The random baselines and the
+learning-rate grid rows are at the default sites only.
 """
 
 from __future__ import annotations
@@ -42,6 +65,9 @@ from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task,
 log = logging.getLogger(__name__)
 
 ALL_BASELINES = ("uniform", "gaussian", "untrained", "shuffled", "layer_causal")
+# analysis -> (default site, other site); the other site's rows carry SITE_SUFFIX[site]
+SITES = {"simaou": ("residual", "attention"), "kendall": ("q_pre", "q_post")}
+SITE_SUFFIX = {"residual": "", "attention": "_attention", "q_pre": "", "q_post": "_q_post"}
 
 
 # Left out of ``key()``: the fast-path switches change how records are computed, not what; and
@@ -626,6 +652,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         "captures": fast_paths,
         "ft": {"lr": lr, **ft_state.fast_paths} if ft_state else {},
     }
+    provenance["sites"] = _sites_provenance(icl.sites, ft_state)
     return RunResult(spec.name, seed, ctx.rows, provenance, ctx.diagnostics)
 
 
@@ -706,8 +733,9 @@ def _baseline_ft(ctx: _Ctx, variant: str, lr: float) -> Iterator[None]:
     except FinetuneDivergedError as e:
         log.warning("%s seed %d: the %s baseline's FT diverged (%s); left out", ctx.task,
                     ctx.seed, variant, e)  # fmt: skip
-        ctx.add("simaou", variant, None, kind="baseline", n=0, lr=lr,
-                note=f"{variant} FT diverged at lr={lr:g}: {e}")  # fmt: skip
+        for site in SITES["simaou"]:
+            ctx.add(f"simaou{SITE_SUFFIX[site]}", variant, None, kind="baseline", n=0, lr=lr,
+                    note=f"{variant} FT diverged at lr={lr:g}: {e}")  # fmt: skip
 
 
 def _loss_rise(ctx: _Ctx, variant: str, state) -> None:
@@ -731,27 +759,94 @@ def _release(state) -> None:
     """Drop an FT state's per-token queries (once Kendall has used them) and its K/V deltas
     (memory)."""
     if state is not None:
-        state.train_q = state.train_token_demo = state.deltas = None
+        state.train_q = state.train_q_post = state.train_token_demo = state.deltas = None
 
 
 def _qmask(rec: Records):
     return rec.query_mask.unsqueeze(2).expand_as(rec.query_scores)
 
 
+_SITE_FIELD = {"residual": "attn_out", "attention": "attn_pre_norm", "q_pre": "q",
+               "q_post": "q_post"}  # fmt: skip
+
+
+def _sites_provenance(sites: dict[str, dict], ft_state) -> dict[str, Any]:
+    """``provenance["sites"]``: each analysis's default and other site, the hooks each site
+    read on this model (layer as ``{l}``), which other site coincides with its default here,
+    and why one was not recorded."""
+    out: dict[str, Any] = {}
+    for analysis, (default, other) in SITES.items():
+        out[analysis], out[f"{analysis}_other"] = default, other
+    names = [s for pair in SITES.values() for s in pair]
+    out["hooks"] = {s: list(sites.get(s, {}).get("hooks", [])) for s in names}
+    out["same_as_default"] = {other: sites.get(other, {}).get("same_as") is not None
+                              for _, other in SITES.values()}  # fmt: skip
+    out["metric_suffix"] = {s: SITE_SUFFIX[s] for s in names}
+    missing = {s: sites[s]["unavailable"] for s in names if sites.get(s, {}).get("unavailable")}
+    if ft_state is not None and ft_state.q_post_unavailable and "q_post" not in missing:
+        missing["q_post"] = ft_state.q_post_unavailable
+    if missing:
+        out["unavailable"] = missing
+    return out
+
+
+def _site_missing(site: str, *records: Records) -> str | None:
+    """Why site ``site`` was not recorded in one of ``records`` (None if it was)."""
+    for rec in records:
+        if getattr(rec, _SITE_FIELD[site]) is None:
+            why = rec.sites.get(site, {}).get("unavailable") or "not recorded"
+            return f"site {site!r} unavailable in the {rec.condition} capture: {why}"
+    return None
+
+
+def _simaou_rows(ctx, zs: Records, icl: Records, ft: Records, site: str, variant: str, kind: str,
+                 lr) -> None:  # fmt: skip
+    """SimAOU, its orthogonal variant and its shared-origin null at recording site ``site``."""
+    suffix = SITE_SUFFIX[site]
+    names = {"simaou": kind, "simaou_orthogonal": kind, "simaou_null": "baseline"}
+    why = _site_missing(site, zs, icl, ft)
+    if why is not None:
+        for name, k in names.items():
+            ctx.add(f"{name}{suffix}", variant, None, kind=k, n=0, lr=lr, note=why)
+        return
+    nan, tol = {"on_undefined": "nan"}, ctx.zero_tol
+    a, b, c = (getattr(r, _SITE_FIELD[site]) for r in (zs, icl, ft))
+    ctx.add_layered(f"simaou{suffix}", variant, M.simaou(a, b, c, **nan, **tol), kind=kind, lr=lr)
+    ctx.add_layered(f"simaou_orthogonal{suffix}", variant,
+                    M.simaou_orthogonal(a, b, c, **nan, **tol), kind=kind, lr=lr)  # fmt: skip
+    ctx.add_layered(f"simaou_null{suffix}", variant, M.shared_origin_null(a, b, c, **nan),
+                    kind="baseline", lr=lr)  # fmt: skip
+
+
+def _kendall_rows(ctx, icl: Records, ft: Records, state, site: str, variant: str, kind: str,
+                  lr) -> None:  # fmt: skip
+    """Kendall (token and example level) with the FT side's queries at site ``site``."""
+    suffix = SITE_SUFFIX[site]
+    train_q = state.train_q if site == "q_pre" else state.train_q_post
+    why = _site_missing(site, ft)
+    if why is None and train_q is None:
+        why = f"site {site!r} unavailable in FT training: {state.q_post_unavailable}"
+    if why is not None:
+        for name in ("kendall_token", "kendall_example"):
+            ctx.add(f"{name}{suffix}", variant, None, kind=kind, n=0, lr=lr, note=why)
+        return
+    k = ctx.cfg.kendall_examples or len(icl)
+    q_test = getattr(ft, _SITE_FIELD[site])[:k]
+    kd = M.kendall_icl_ft(icl.demo_scores[:k], q_test, train_q, icl.demo_of_token,
+                          icl.demo_mask[:k], on_undefined="nan")  # fmt: skip
+    ctx.add_layered(f"kendall_token{suffix}", variant, kd.token, kind=kind, lr=lr)
+    if kd.example is not None:
+        ctx.add_layered(f"kendall_example{suffix}", variant, kd.example, kind=kind, lr=lr)
+
+
 def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: str, lr) -> None:
-    """SimAOU (+orthogonal, +null), SimAM before/after (+centred), SimAM_delta, Kendall."""
+    """SimAOU (+orthogonal, +null), SimAM before/after (+centred), SimAM_delta, Kendall;
+    SimAOU and Kendall at both recording sites (``SITES``: the default's rows first)."""
     kind = "result" if variant == "ft" else "baseline"
     nan = {"on_undefined": "nan"}
     tol = ctx.zero_tol
-    ctx.add_layered("simaou", variant,
-                    M.simaou(zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol),
-                    kind=kind, lr=lr)  # fmt: skip
-    ctx.add_layered("simaou_orthogonal", variant,
-                    M.simaou_orthogonal(zs.attn_out, icl.attn_out, ft.attn_out, **nan, **tol),
-                    kind=kind, lr=lr)  # fmt: skip
-    ctx.add_layered("simaou_null", variant,
-                    M.shared_origin_null(zs.attn_out, icl.attn_out, ft.attn_out, **nan),
-                    kind="baseline", lr=lr)  # fmt: skip
+    default, other = SITES["simaou"]
+    _simaou_rows(ctx, zs, icl, ft, default, variant, kind, lr)
     mask = _qmask(icl) & _qmask(zs) & _qmask(ft)
     for centered in (False, True):
         suffix = "_centered" if centered else ""
@@ -764,12 +859,9 @@ def _similarities(ctx, zs: Records, icl: Records, ft: Records, state, variant: s
                               centered=centered, **nan, **tol)  # fmt: skip
         ctx.add_layered(f"simam_delta{suffix}", variant, delta, kind=kind, lr=lr)
     if state is not None and state.train_q is not None and icl.demo_scores.shape[-1]:
-        k = ctx.cfg.kendall_examples or len(icl)
-        kd = M.kendall_icl_ft(icl.demo_scores[:k], ft.q[:k], state.train_q, icl.demo_of_token,
-                              icl.demo_mask[:k], **nan)  # fmt: skip
-        ctx.add_layered("kendall_token", variant, kd.token, kind=kind, lr=lr)
-        if kd.example is not None:
-            ctx.add_layered("kendall_example", variant, kd.example, kind=kind, lr=lr)
+        for site in SITES["kendall"]:
+            _kendall_rows(ctx, icl, ft, state, site, variant, kind, lr)
+    _simaou_rows(ctx, zs, icl, ft, other, variant, kind, lr)
 
 
 def _random_baselines(ctx: _Ctx, zs: Records, icl: Records, seed: int) -> None:

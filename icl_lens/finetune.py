@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from icl_lens import backend as B
+from icl_lens.capture import recording_sites
 from icl_lens.checks import master_dtype, model_dtype, tolerance, warn
 from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
@@ -80,7 +82,13 @@ class FTState:
     losses: list[float] = field(default_factory=list)
     # Scaled query vectors (all heads) of every trained token (BOS excluded), every layer,
     # captured in the forward pass of the step that trained on it: the Kendall FT side.
+    # ``train_q`` is site "q_pre" (``hook_q``, the query as projected: the default);
+    # ``train_q_post`` site "q_post" (after q-norm and RoPE, as attention scores with), the
+    # same tensor as ``train_q`` on models without either, None where the model does not
+    # expose it or its hook never fired (``q_post_unavailable`` says why).
     train_q: Float[Tensor, "layer train_tok d_q"] | None = None
+    train_q_post: Float[Tensor, "layer train_tok d_q"] | None = None
+    q_post_unavailable: str | None = None
     train_token_demo: Int[Tensor, " train_tok"] | None = None
     # which fast paths trained it and what their run-time checks measured
     fast_paths: dict = field(default_factory=dict)
@@ -263,18 +271,75 @@ def _step_losses(model: nn.Module, tokens: Tensor, mode: str, vocab_pass: bool,
         return _lm_loss(model(tokens), tokens)
 
 
-def _query_hooks(model: nn.Module, qs: dict[int, Tensor]) -> list:
-    """Hooks that keep every layer's scaled queries (all heads) of the trained tokens, BOS
-    excluded: ``qs[layer]`` [seq, pos - 1, d_q] on the CPU."""
-    hooks = []
-    for layer in range(B.dims(model).n_layers):
-        scale = B.attn_scale(model, layer) ** 0.5
+class _Queries:
+    """The training queries of one finetune at both sites (``FTState.train_q`` and
+    ``train_q_post``): ``hooks()`` keep every layer's scaled queries (all heads) of the
+    trained tokens, BOS excluded, for one step, as [seq, pos - 1, d_q] on the CPU (row ``i``
+    of a side-by-side batch is its rate's); ``keep(i)`` files row ``i`` of the step under
+    ``steps[r]`` for rate ``r``. Site "q_post" is not recorded twice where it is ``hook_q``
+    itself, and is dropped with the reason (``unavailable``) where the model does not expose
+    it or a hook it lists does not fire (a TL 4 bridge may list one it never calls)."""
 
-        def save_q(t, hook, layer=layer, scale=scale):
-            qs[layer] = (t[:, 1:].detach().flatten(-2) / scale).cpu()
+    def __init__(self, model: nn.Module, n_rates: int = 1) -> None:
+        self.model = model
+        self.n_layers = B.dims(model).n_layers
+        site = recording_sites(model)["q_post"]
+        self.same = site["same_as"] is not None
+        self.unavailable: str | None = site["unavailable"]
+        self.hook_names = site["hooks"]
+        self.steps: list[list[Tensor]] = [[] for _ in range(n_rates)]
+        self.steps_post: list[list[Tensor]] = [[] for _ in range(n_rates)]
+        self.q: dict[int, Tensor] = {}
+        self.q_post: dict[int, Tensor] = {}
 
-        hooks.append((B.hook_name("q", layer), save_q))
-    return hooks
+    @property
+    def separate(self) -> bool:
+        """Whether q_post is recorded by hooks of its own."""
+        return not self.same and self.unavailable is None
+
+    def hooks(self) -> list:
+        self.q, self.q_post = {}, {}
+        hooks = []
+        for layer in range(self.n_layers):
+            scale = B.attn_scale(self.model, layer) ** 0.5
+
+            def save(t, store=self.q, layer=layer, scale=scale):
+                store[layer] = (t[:, 1:].detach().flatten(-2) / scale).cpu()
+
+            hooks.append((B.hook_name("q", layer), lambda t, hook, save=save: save(t)))
+            if self.separate:
+                hooks += B.attended_q_hooks(
+                    self.model, layer, functools.partial(save, store=self.q_post)
+                )
+        return hooks
+
+    def keep(self, row: int, rate: int = 0) -> None:
+        """After a step: file batch row ``row``'s queries under rate ``rate``."""
+        self.steps[rate].append(torch.stack([self.q[layer][row] for layer in range(self.n_layers)]))
+        if not self.separate:
+            return
+        missing = [layer for layer in range(self.n_layers) if layer not in self.q_post]
+        if missing:
+            self.unavailable = (
+                f"{B.architecture(self.model)} on TL {B.TL_VERSION}: "
+                f"{', '.join(self.hook_names)} did not fire in layer(s) {missing} during FT"
+            )
+            warnings.warn(f"FT training queries at site 'q_post' are not recorded: "
+                          f"{self.unavailable}", stacklevel=4)  # fmt: skip
+            self.steps_post = [[] for _ in self.steps_post]
+            return
+        self.steps_post[rate].append(
+            torch.stack([self.q_post[layer][row] for layer in range(self.n_layers)])
+        )
+
+    def fill(self, state: FTState, rate: int = 0) -> None:
+        """Put rate ``rate``'s training queries into ``state``."""
+        state.train_q = torch.cat(self.steps[rate], dim=1).float()
+        if self.same:
+            state.train_q_post = state.train_q
+        elif self.unavailable is None:
+            state.train_q_post = torch.cat(self.steps_post[rate], dim=1).float()
+        state.q_post_unavailable = self.unavailable
 
 
 def _to_sequences(model, demos, task, tokenizer) -> list[list[int]]:
@@ -499,12 +564,10 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
                             fp32_master_deltas=any(masters.half))  # fmt: skip
     opt = torch.optim.SGD(masters.stepped, lr=state.lr, momentum=0.0, weight_decay=0.0)
     device = B.input_device(model)
-    n_layers = B.dims(model).n_layers
-    q_steps: list[Tensor] = []
+    queries = _Queries(model) if record_queries else None
     chance = math.log(B.dims(model).d_vocab)  # a uniform guess's loss
     for step, seq in enumerate(tqdm(sequences, desc="finetune", disable=not progress)):
-        qs: dict[int, Tensor] = {}
-        hooks = _query_hooks(model, qs) if record_queries else []
+        hooks = queries.hooks() if queries is not None else []
         tokens = torch.tensor([seq], device=device)
         loss = _step_losses(model, tokens, state.mode, vocab_pass, hooks)[0]
         value = float(loss.detach())
@@ -521,15 +584,15 @@ def _train(model, sequences, trained, state: FTState, record_queries: bool, prog
         opt.step()
         masters.write()
         state.losses.append(value)
-        if record_queries:
-            q_steps.append(torch.stack([qs[layer][0] for layer in range(n_layers)]))
+        if queries is not None:
+            queries.keep(0)
     for p in masters.stepped:
         p.grad = None
     for p in trained:
         p.grad = None
     state.deltas = masters.deltas()
-    if record_queries:
-        state.train_q = torch.cat(q_steps, dim=1).float()
+    if queries is not None:
+        queries.fill(state)
         state.train_token_demo = _token_demo(sequences)
 
 
@@ -728,9 +791,8 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
                           dtype=torch.promote_types(p.dtype, torch.float32))
               for p in trained]  # fmt: skip
     device = B.input_device(model)
-    n_layers = B.dims(model).n_layers
     live = list(range(len(rates)))
-    q_steps: list[list[Tensor]] = [[] for _ in rates]
+    queries = _Queries(model, len(rates)) if record_queries else None
     check = None  # the step-0 check's report
     states = [FTState(lr=lr, mode=mode, param_names=[n for n, _ in named]) for lr in rates]
     chance = math.log(B.dims(model).d_vocab)  # a uniform guess's loss
@@ -739,8 +801,7 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
             break
         idx = torch.tensor(live)
         rows = deltas if len(live) == len(rates) else [t[idx] for t in deltas]
-        qs: dict[int, Tensor] = {}
-        hooks = _query_hooks(model, qs) if record_queries else []
+        hooks = queries.hooks() if queries is not None else []
         tokens = torch.tensor([seq], device=device).expand(len(live), -1)
         with B.kv_deltas(model, rows):
             losses = _step_losses(model, tokens, mode, vocab_pass, hooks)
@@ -778,8 +839,8 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
         for i in ok:
             r = live[i]
             states[r].losses.append(values[i])
-            if record_queries:
-                q_steps[r].append(torch.stack([qs[layer][i] for layer in range(n_layers)]))
+            if queries is not None:
+                queries.keep(i, r)
         live = [live[i] for i in ok]
     for r, (lr, state) in enumerate(zip(rates, states, strict=True)):
         state.fast_paths.update(side_by_side=True, one_pass_vocabulary_loss=vocab_pass,
@@ -787,8 +848,8 @@ def _train_side_by_side(model, sequences, grid: FTGrid, mode: str, record_querie
                                 **checks)  # fmt: skip
         if lr in grid.diverged:
             continue
-        if record_queries:
-            state.train_q = torch.cat(q_steps[r], dim=1).float()
+        if queries is not None:
+            queries.fill(state, r)
             state.train_token_demo = _token_demo(sequences)
         grid.states[lr] = state
         grid._deltas[lr] = state.deltas = [t[r].detach() for t in deltas]

@@ -257,7 +257,10 @@ def _read(path: Path, require_checksum: bool = False) -> dict[str, Any]:
     return obj
 
 
-# (metric, variant, column) of the paper-style summary; values are means over seeds
+# (metric, variant, column) of the paper-style summary; values are means over seeds. SimAOU
+# and Kendall are at their default recording sites ("residual", "q_pre"), each with the
+# other site beside it (experiment.SITES); results made before the other sites were recorded
+# lack those columns.
 SUMMARY_COLUMNS = [
     ("accuracy", "zs", "ZSL acc"),
     ("accuracy", "ft", "FT acc"),
@@ -265,10 +268,13 @@ SUMMARY_COLUMNS = [
     ("rec2ftp", "ft", "Rec2FTP"),
     ("rec2ftp", "chance", "Rec2FTP chance"),
     ("simaou", "ft", "SimAOU"),
+    ("simaou_attention", "ft", "SimAOU (attention site)"),
     ("simaou", "uniform", "SimAOU uniform"),
     ("simaou", "gaussian", "SimAOU gaussian"),
     ("simaou_null", "ft", "SimAOU null"),
+    ("simaou_null_attention", "ft", "SimAOU null (attention site)"),
     ("simaou_orthogonal", "ft", "SimAOU orth"),
+    ("simaou_orthogonal_attention", "ft", "SimAOU orth (attention site)"),
     ("simaou", "untrained", "SimAOU untrained"),
     ("simaou", "ft_shuffled", "SimAOU shuffled-FT"),
     ("simaou", "ft_layer_causal", "SimAOU layer-causal"),
@@ -276,6 +282,7 @@ SUMMARY_COLUMNS = [
     ("simam_after", "ft", "SimAM after"),
     ("simam_delta", "ft", "SimAM delta"),
     ("kendall_token", "ft", "Kendall"),
+    ("kendall_token_q_post", "ft", "Kendall (q_post)"),
     ("kendall_token", "uniform", "Kendall random"),
     ("kendall_token", "untrained", "Kendall untrained"),
 ]

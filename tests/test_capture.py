@@ -367,3 +367,168 @@ def test_self_checks_pass_quietly_on_a_correct_model(cached_model):
     assert c["scores"]["checked"] and c["scores"]["max_abs_diff"] < 1e-5
     assert c["windows"]["ok"], c["windows"]
     assert c["prefix_cache"]["used"]
+
+
+# --------------------------------------------------------------------------- recording sites
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A tiny random Gemma-3 checkpoint (post-attention norms, q-norm, RoPE, GQA, sliding
+    windows) loaded by the installed TL, with a toy episode in its word-level vocabulary."""
+    from icl_lens.conformance import build_tiny_checkpoint
+    from icl_lens.models import load_model
+
+    path = build_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3_sites"))
+    model = load_model(str(path), progress=False)
+    demos, evals = toy_episode(seed=1, n_demos=6, n_eval=5, tokenizer=None)
+    return model, model.tokenizer, toy_task(2), demos, evals
+
+
+def test_other_sites_are_the_defaults_own_tensors_without_post_norm_or_rope(setup):
+    """Standard positions, no post-attention norm, no q-norm: site 'attention' is
+    hook_attn_out and 'q_post' is hook_q, recorded once (the same tensors)."""
+    model, tok, task, demos, evals = setup
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    rec = capture(model, prompts, label_token_ids(task, tok), batch_size=3, progress=False)
+    assert rec.attn_pre_norm is rec.attn_out and rec.q_post is rec.q
+    assert rec.sites["attention"]["same_as"] == "residual"
+    assert rec.sites["q_post"]["same_as"] == "q_pre"
+    assert rec.sites["residual"]["hooks"] == ["blocks.{l}.hook_attn_out"]
+    assert "attn_pre_norm" not in rec.checks["prefix_cache"].get("max_rel_diff", {})
+
+
+def _plain_run(model, prompt):
+    """One full prompt, plain forward: TL's cache, and each layer's post-attention norm input
+    read with a plain PyTorch pre-hook on the norm module (independent of icl_lens.backend)."""
+    d = B.dims(model)
+    pre_norm: dict[int, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(f"blocks.{layer}.ln1_post").register_forward_pre_hook(
+            lambda mod, args, layer=layer: pre_norm.update({layer: args[0].detach().clone()})
+        )
+        for layer in range(d.n_layers)
+    ]
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([prompt.tokens]))
+    finally:
+        for h in handles:
+            h.remove()
+    return cache, pre_norm
+
+
+def test_other_sites_on_gemma3_match_independent_computations(gemma3):
+    """Gemma-3 (prefix cache on): 'attention' is the input of ln1_post and differs from
+    hook_attn_out; 'q_post' is the rotated, q-normed query: with the rotated keys it gives
+    exactly the recorded pre-softmax scores, and it differs from q_pre."""
+    model, tok, task, demos, evals = gemma3
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    rec = capture(model, prompts, label_token_ids(task, tok), batch_size=2, progress=False)
+    assert rec.prefix_cached and rec.checks["prefix_cache"]["used"]
+    assert {"attn_pre_norm", "q_post"} <= set(rec.checks["prefix_cache"]["max_rel_diff"])
+    assert rec.sites["attention"]["same_as"] is None and rec.sites["q_post"]["same_as"] is None
+    d = B.dims(model)
+    demo = prompts[0].spans.demo_token_positions()
+    for i, p in enumerate(prompts):
+        cache, pre_norm = _plain_run(model, p)
+        r = p.spans.record_pos
+        for layer in range(d.n_layers):
+            want = pre_norm[layer][0, r]
+            torch.testing.assert_close(rec.attn_pre_norm[i, layer], want, atol=1e-5, rtol=1e-5)
+            assert (rec.attn_pre_norm[i, layer] - rec.attn_out[i, layer]).abs().max() > 1e-2
+            norm = model.get_submodule(f"blocks.{layer}.ln1_post")
+            with torch.no_grad():
+                torch.testing.assert_close(norm(want), rec.attn_out[i, layer], atol=1e-5, rtol=1e-5)
+            # q_post · k_post / sqrt(scale) (q_post is already divided by sqrt(scale)) = scores
+            q = rec.q_post[i, layer].view(d.n_heads, -1)
+            k = cache[f"blocks.{layer}.attn.hook_rot_k"][0, demo]  # [demo, kv_head, d_head]
+            k = k.repeat_interleave(d.n_heads // k.shape[1], dim=1)
+            scores = torch.einsum("hd,thd->ht", q, k) / B.attn_scale(model, layer) ** 0.5
+            seen = rec.demo_mask[i, layer]
+            assert seen.any()
+            torch.testing.assert_close(scores[:, seen], rec.demo_scores[i, layer][:, seen],
+                                       atol=1e-4, rtol=1e-4)  # fmt: skip
+            assert (rec.q_post[i, layer] - rec.q[i, layer]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("site", ["attention", "q_post"])
+def test_prefix_cache_check_covers_the_other_sites(gemma3, monkeypatch, site):
+    """A site recorded wrongly on the shared-prefix path only (here: shifted by the number of
+    tokens fed, which the cache shortens) fails the check by name; capture falls back to full
+    prompts, whose records are right."""
+    from icl_lens.capture import FastPathWarning
+
+    model, tok, task, demos, evals = gemma3
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    name = {"attention": "attn_pre_norm_hooks", "q_post": "attended_q_hooks"}[site]
+    real = getattr(B, name)
+
+    def shifted(model, layer, fn):
+        return real(model, layer, lambda t: fn(t + t.shape[1]))
+
+    monkeypatch.setattr(B, name, shifted)
+    with pytest.warns(FastPathWarning, match="shared-prefix records disagree"):
+        rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    field = {"attention": "attn_pre_norm", "q_post": "q_post"}[site]
+    report = rec.checks["prefix_cache"]
+    assert not rec.prefix_cached and not report["used"]
+    assert report["reason"].startswith(f"{field} off by") and ";" not in report["reason"]
+    assert torch.equal(rec.attn_out, full.attn_out) and torch.equal(rec.q, full.q)
+    # full prompts: every record shifted by its batch's width (> 1 even after 1/sqrt(scale))
+    assert (getattr(rec, field) - getattr(full, field)).min() > 1
+
+
+def test_a_site_whose_hook_never_fires_is_none_with_the_reason(gemma3, monkeypatch):
+    """A hook the adapter lists but the model never calls (as a TL 4 bridge may) leaves the
+    site out, with the reason, instead of returning uninitialised memory."""
+    model, tok, task, demos, evals = gemma3
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    real = B.attended_q_hooks
+    monkeypatch.setattr(B, "attended_q_hooks",
+                        lambda model, layer, fn: real(model, layer, lambda t: None))  # fmt: skip
+    with pytest.warns(UserWarning, match="site 'q_post' is not recorded.*did not fire"):
+        rec = capture(model, prompts, label_token_ids(task, tok), batch_size=2, progress=False)
+    assert rec.q_post is None and "did not fire" in rec.sites["q_post"]["unavailable"]
+    assert rec.attn_pre_norm is not None and rec.prefix_cached  # the rest is unaffected
+    with pytest.warns(UserWarning, match="did not fire"):
+        rec = capture(model, prompts, label_token_ids(task, tok), self_check=False,
+                      progress=False)  # fmt: skip
+    assert rec.q_post is None
+
+
+def test_a_site_the_model_does_not_expose_is_none_with_the_reason(setup, monkeypatch):
+    model, tok, task, demos, evals = setup
+
+    def refuse(model, layer, fn):
+        raise NotImplementedError("site 'q_post' is not hooked here (test)")
+
+    monkeypatch.setattr(B, "attended_q_hooks", refuse)
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    rec = capture(model, prompts, label_token_ids(task, tok), progress=False)
+    assert rec.q_post is None and rec.sites["q_post"]["unavailable"].endswith("(test)")
+    assert rec.attn_pre_norm is rec.attn_out
+
+
+def test_a_site_that_fires_only_on_full_prompts_fails_the_prefix_check(gemma3, monkeypatch):
+    """A hook that fires on full prompts but not on the shared-prefix path fails that path's
+    self-check by name; capture runs full prompts, and the site is recorded from them."""
+    from icl_lens.capture import FastPathWarning
+
+    model, tok, task, demos, evals = gemma3
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    shortest = min(len(p.tokens) for p in prompts)
+    real = B.attended_q_hooks
+
+    def full_prompts_only(model, layer, fn):
+        return real(model, layer, lambda t: fn(t) if t.shape[1] >= shortest else None)
+
+    monkeypatch.setattr(B, "attended_q_hooks", full_prompts_only)
+    with pytest.warns(FastPathWarning, match="KV cache failed.*site 'q_post'.*did not fire"):
+        rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    assert not rec.prefix_cached and rec.sites["q_post"]["unavailable"] is None
+    torch.testing.assert_close(rec.q_post, full.q_post, atol=1e-5, rtol=1e-5)

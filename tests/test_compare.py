@@ -280,3 +280,31 @@ def test_config_fields_added_later_read_as_what_older_files_ran_with(tmp_path):
     run.provenance["config"] = {**config, "dtype": "bfloat16"}
     note = _row(compare(_write(tmp_path / "r2", [run]), ref), "sst2", 0, "simaou", "ft")["note"]
     assert "dtype 'bfloat16' vs 'float32'" in note
+
+
+def test_a_reference_made_before_the_other_sites_lacks_them_without_failing(tmp_path):
+    """A run with the other recording sites' rows against a reference made before they were
+    recorded (no provenance["sites"]): those values are noted as such, not compared, and the
+    rest still reproduces."""
+    ref = _write(tmp_path / "ref", _runs(tasks=("sst2",)))
+    runs = _runs(tasks=("sst2",))
+    for run in runs:
+        run.provenance["sites"] = {"simaou": "residual", "simaou_other": "attention"}
+        extra = [{**r, "metric": "simaou_attention"} for r in run.rows if r["metric"] == "simaou"]
+        run.rows += extra
+    run = _write(tmp_path / "run", runs)
+    frame = compare(run, ref)
+    note = "missing in reference (made before the other recording sites were recorded)"
+    assert _row(frame, "sst2", 0, "simaou_attention", "ft")["note"] == note
+    assert _row(frame, "sst2", "mean", "simaou_attention", "ft")["note"] == note
+    assert _row(frame, "sst2", 0, "simaou_attention", "ft")["name"] == "SimAOU (attention site)"
+    assert pd.isna(_row(frame, "sst2", "mean", "simaou_attention", "ft")["within"])
+    assert reproduces(frame) and counts(frame)["differ"] == 0
+    assert _row(frame, "sst2", "mean", "simaou", "ft")["within"]
+    assert note in report(frame)
+    # a reference that has the sites but not this value (say, not run): plainly missing
+    for r in runs:
+        r.rows = [row for row in r.rows if row["metric"] != "simaou_attention"]
+    frame = compare(run, _write(tmp_path / "ref2", runs))
+    assert _row(frame, "sst2", 0, "simaou_attention", "ft")["note"] == "missing in reference"
+    assert _row(frame, "sst2", "mean", "simaou_attention", "ft")["note"] == "missing in reference"

@@ -450,3 +450,102 @@ def test_layers_choose_the_reported_layers_and_what_the_mean_averages(toy_setup,
         E.run_experiment(model, data.task, data=data, tokenizer=tok, layers=[2], **FAST)
     with pytest.raises(ValueError, match="layers must be one or more"):
         E.ExperimentConfig(layers=())
+
+
+# --------------------------------------------------------------------------- recording sites
+
+OTHER_SITE_ROWS = {  # other-site metric -> the default-site metric it is reported beside
+    "simaou_attention": "simaou",
+    "simaou_null_attention": "simaou_null",
+    "simaou_orthogonal_attention": "simaou_orthogonal",
+    "kendall_token_q_post": "kendall_token",
+    "kendall_example_q_post": "kendall_example",
+}
+
+
+_COLS = ["variant", "layer", "kind", "value", "ci_low", "ci_high", "n", "lr", "note"]
+
+
+def test_other_sites_coincide_on_the_toy(toy_results):
+    """The toy has no post-attention norm, RoPE or q-norm, so every row at the other site
+    (every variant and layer, CIs and notes included) equals the default site's exactly; the
+    sites are in the provenance and the other site's columns in the summary."""
+    import pandas as pd
+
+    f = toy_results.to_frame()
+    for other, default in OTHER_SITE_ROWS.items():
+        got = f[f.metric == other][_COLS].reset_index(drop=True)
+        assert set(got.variant) == {"ft", "untrained", "ft_shuffled", "ft_layer_causal"}, other
+        want = f[(f.metric == default) & f.variant.isin(set(got.variant))][_COLS]
+        pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_exact=True)
+    sites = toy_results.runs[0].provenance["sites"]
+    assert (sites["simaou"], sites["simaou_other"]) == ("residual", "attention")
+    assert (sites["kendall"], sites["kendall_other"]) == ("q_pre", "q_post")
+    assert sites["same_as_default"] == {"attention": True, "q_post": True}
+    assert sites["hooks"]["residual"] == ["blocks.{l}.hook_attn_out"]
+    assert sites["hooks"]["q_pre"] == ["blocks.{l}.attn.hook_q"] == sites["hooks"]["q_post"]
+    assert "unavailable" not in sites
+    table = toy_results.summary()
+    assert table["SimAOU (attention site)"].equals(table["SimAOU"])
+    assert table["Kendall (q_post)"].equals(table["Kendall"])
+    cols = list(table.columns)
+    assert cols.index("SimAOU (attention site)") == cols.index("SimAOU") + 1
+    assert cols.index("Kendall (q_post)") == cols.index("Kendall") + 1
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A tiny random Gemma-3 (post-attention norms, q-norm, RoPE) and a toy task for it."""
+    from icl_lens.conformance import build_tiny_checkpoint
+    from icl_lens.models import load_model
+
+    path = build_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3_exp"))
+    model = load_model(str(path), progress=False)
+    pool, evals = toy_episode(seed=2, n_demos=12, n_eval=8, tokenizer=None)
+    return model, TaskData(toy_task(2), evals, pool, "toy", {"source": "toy_episode"})
+
+
+GEMMA_RUN = dict(n_demos=4, n_eval=8, seeds=(0,), lr=0.05, lr_sensitivity=False,
+                 baselines=("untrained",), n_boot=50, progress=False)  # fmt: skip
+
+
+def test_other_sites_differ_on_gemma3(gemma3):
+    """Gemma-3: the attention site is the post-norm's input and q_post the rotated, q-normed
+    query, so the other-site rows are their own numbers; the provenance names the hooks."""
+    model, data = gemma3
+    res = E.run_experiment(model, data.task, data=data, tokenizer=model.tokenizer, **GEMMA_RUN)
+    f = res.to_frame()
+    mean = f[f.layer == "mean"].set_index(["metric", "variant"])["value"]
+    for other, default in OTHER_SITE_ROWS.items():
+        for variant in ("ft", "untrained"):
+            assert mean[(other, variant)] == mean[(other, variant)], (other, variant)
+        got = f[f.metric == other][["variant", "layer"]].reset_index(drop=True)
+        want = f[(f.metric == default) & f.variant.isin(["ft", "untrained"])]
+        assert got.equals(want[["variant", "layer"]].reset_index(drop=True)), other
+        if other != "kendall_example_q_post":  # 4 demonstrations: ties are likely
+            assert mean[(other, "ft")] != mean[(default, "ft")], other
+    sites = res.runs[0].provenance["sites"]
+    assert sites["same_as_default"] == {"attention": False, "q_post": False}
+    assert sites["hooks"]["q_post"] == ["blocks.{l}.attn.hook_rot_q"]
+    assert sites["hooks"]["attention"][0].startswith("blocks.{l}.ln1_post.hook_")
+
+
+def test_an_unavailable_site_gives_rows_with_the_reason(gemma3, monkeypatch):
+    """A site the model does not expose is not fatal: its rows are undefined and say why, the
+    provenance lists it, and the default rows are unchanged."""
+    model, data = gemma3
+
+    def refuse(model, layer, fn):
+        raise NotImplementedError("site 'q_post' is not hooked here (test)")
+
+    monkeypatch.setattr(B, "attended_q_hooks", refuse)
+    res = E.run_experiment(model, data.task, data=data, tokenizer=model.tokenizer, **GEMMA_RUN)
+    f = res.to_frame()
+    for metric in ("kendall_token_q_post", "kendall_example_q_post"):
+        rows = f[(f.metric == metric) & (f.variant == "ft")]
+        assert len(rows) == 1 and rows.value.isna().all()
+        assert rows.note.iloc[0].endswith("is not hooked here (test)"), rows.note.iloc[0]
+    assert f[(f.metric == "kendall_token") & (f.variant == "ft")].value.notna().all()
+    assert f[(f.metric == "simaou_attention") & (f.variant == "ft")].value.notna().all()
+    sites = res.runs[0].provenance["sites"]
+    assert sites["unavailable"]["q_post"].endswith("(test)")

@@ -298,13 +298,14 @@ def test_grid_side_by_side_equals_one_rate_at_a_time(grid_setup, mode):
         assert grid._run_one is None  # really side by side
         for lr in lrs:
             with grid.applied(lr) as st:
-                got[lr] = (_kv(model), st.losses, st.train_q, st.train_token_demo)
+                got[lr] = (_kv(model), st.losses, st.train_q, st.train_token_demo,
+                           st.train_q_post)  # fmt: skip
             assert_same(model, snap)  # each rate is taken back out
     assert_same(model, snap)
     for lr in lrs:
         with finetuned(model, demos, lr, mode=mode, task=task, tokenizer=tok) as st:
             want = _kv(model)
-        weights, losses, q, token_demo = got[lr]
+        weights, losses, q, token_demo, q_post = got[lr]
         assert any(not torch.equal(w, o) for w, o in zip(weights, _kv(model), strict=True)), (
             "nothing trained"
         )
@@ -312,6 +313,9 @@ def test_grid_side_by_side_equals_one_rate_at_a_time(grid_setup, mode):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         assert losses == pytest.approx(st.losses, rel=1e-10)
         torch.testing.assert_close(q, st.train_q, rtol=1e-10, atol=1e-12)
+        # the rotary toy's queries after RoPE: their own tensor, side by side as in place
+        assert q_post.shape == q.shape and not torch.allclose(q_post, q)
+        torch.testing.assert_close(q_post, st.train_q_post, rtol=1e-10, atol=1e-12)
         assert torch.equal(token_demo, st.train_token_demo)
 
 
@@ -550,3 +554,106 @@ def test_a_loss_worse_than_a_uniform_guess_counts_as_exploded():
     assert err is not None and "a uniform guess 12.48" in str(err)
     assert _check_loss(13.0, 4, 1e9, [9.95], lambda: 9.0, chance) is None  # < 1 nat above
     assert _check_loss(31.0, 4, 1e-4, [30.6], lambda: 30.0, chance) is None  # untrained model
+
+
+# --------------------------------------------------------------------------- query sites
+
+
+@pytest.mark.parametrize("mode", ["standard", "layer_causal"])
+def test_queries_after_rope_are_the_queries_themselves_without_rope(setup, mode):
+    """No RoPE, no q-norm: site 'q_post' is hook_q, kept once (in place and side by side)."""
+    model, tok, task, demos = setup
+    with finetuned(model, demos, lr=0.1, mode=mode, task=task, tokenizer=tok) as st:
+        assert st.train_q_post is st.train_q and st.q_post_unavailable is None
+    with finetuned_grid(model, demos, [0.05, 0.1], mode=mode, task=task, tokenizer=tok,
+                        side_by_side=True) as grid:  # fmt: skip
+        for lr in (0.05, 0.1):
+            with grid.applied(lr) as st:
+                assert st.train_q_post is st.train_q
+
+
+def _attended_pattern(model, tokens, q_post, layer):
+    """softmax(q_post · k_post / sqrt(scale)) over causal keys, with ``q_post`` already divided
+    by sqrt(scale); k_post is the rotated key (TL 3: hook_rot_k; TL 4 toys: the module's own
+    rotary). Also returns the model's own pattern."""
+    d = B.dims(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    name = f"blocks.{layer}.attn.hook_rot_k"
+    if name in cache.keys():
+        k = cache[name]
+    else:  # TL 4's native toys fire no hook_rot_k: their rotary applied to hook_k
+        _, k = B.attended_qk(model, layer, cache[B.hook_name("q", layer)],
+                             cache[B.hook_name("k", layer)])  # fmt: skip
+    k = k[0].repeat_interleave(d.n_heads // k.shape[2], dim=1)  # [pos, head, d_head]
+    q = q_post.view(q_post.shape[0], d.n_heads, -1)  # [pos, head, d_head]
+    scores = torch.einsum("qhd,khd->hqk", q.to(k.dtype), k) / B.attn_scale(model, layer) ** 0.5
+    n = scores.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[1:]  # rows of the trained tokens
+    mine = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return mine, cache[B.hook_name("pattern", layer)][0, :, 1:]
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_training_queries_after_rope_are_what_attention_scores_with(grid_setup, side_by_side):
+    """Step 0 trains on the first demonstration with the untouched model, so its stored
+    post-RoPE queries give the untouched model's own attention pattern on it."""
+    model, tok, task, demos = grid_setup
+    seq = build_train_sequence(task, tok, demos[0])
+    n0 = len(seq) - 1
+    with finetuned_grid(model, demos, [0.05, 0.3], task=task, tokenizer=tok,
+                        side_by_side=side_by_side) as grid:  # fmt: skip
+        with grid.applied(0.05) as st:
+            q_post = st.train_q_post[:, :n0].clone()
+            q_pre = st.train_q[:, :n0].clone()
+    assert not torch.allclose(q_post, q_pre)
+    for layer in range(B.dims(model).n_layers):
+        mine, theirs = _attended_pattern(model, torch.tensor([seq]), q_post[layer], layer)
+        torch.testing.assert_close(mine, theirs.to(mine.dtype), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_training_queries_whose_hook_never_fires_are_none_with_the_reason(
+    grid_setup, monkeypatch, side_by_side
+):
+    """A q_post hook that is listed but never called leaves ``train_q_post`` None with the
+    reason, never a tensor of stale or missing rows; ``train_q`` is unaffected."""
+    model, tok, task, demos = grid_setup
+    real = B.attended_q_hooks
+    monkeypatch.setattr(B, "attended_q_hooks",
+                        lambda model, layer, fn: real(model, layer, lambda t: None))  # fmt: skip
+    with pytest.warns(UserWarning, match="'q_post' are not recorded.*did not fire"):
+        with finetuned_grid(model, demos, [0.05, 0.3], task=task, tokenizer=tok,
+                            side_by_side=side_by_side) as grid:  # fmt: skip
+            with grid.applied(0.05) as st:
+                assert st.train_q_post is None and st.train_q is not None
+                assert "did not fire in layer(s) [0, 1] during FT" in st.q_post_unavailable
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A tiny random Gemma-3 (q-norm, RoPE, GQA, post-attention norms) on the installed TL."""
+    from icl_lens.conformance import build_tiny_checkpoint
+    from icl_lens.models import load_model
+
+    path = build_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3_ft"))
+    model = load_model(str(path), progress=False)
+    demos, _ = toy_episode(seed=5, n_demos=3, n_eval=2, tokenizer=None)
+    return model, model.tokenizer, toy_task(2), demos
+
+
+def test_gemma3_training_queries_at_both_sites(gemma3):
+    """Gemma-3: step 0's stored queries are the untouched model's hook_q and hook_rot_q (after
+    q-norm and RoPE) on the first demonstration, each divided by sqrt(scale); they differ."""
+    model, tok, task, demos = gemma3
+    seq = build_train_sequence(task, tok, demos[0])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([seq]))
+    with finetuned(model, demos, lr=0.05, task=task, tokenizer=tok) as st:
+        assert st.q_post_unavailable is None
+        for layer in range(B.dims(model).n_layers):
+            scale = B.attn_scale(model, layer) ** 0.5
+            for got, hook in ((st.train_q, "hook_q"), (st.train_q_post, "hook_rot_q")):
+                want = cache[f"blocks.{layer}.attn.{hook}"][0, 1:].flatten(-2) / scale
+                torch.testing.assert_close(got[layer, : len(seq) - 1], want, atol=1e-5, rtol=1e-4)
+        assert (st.train_q_post - st.train_q).abs().max() > 1e-2
