@@ -346,6 +346,17 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     masks = {name: bool(torch.equal(fast[key], plain[key])) for name, key in _MASKS.items()}
     report.update(max_rel_diff=diffs, masks_equal=masks)
     bad = [f"{k} off by {v:.3g}" for k, v in diffs.items() if not v <= tol]
+    if bad and all(masks.values()):
+        # Above the dtype's tolerance: is that more than the plain path's own rounding? A model
+        # that amplifies rounding (an untrained one, a long windowed prompt) is held to what
+        # its own plain path does under a rounding-sized change of its input.
+        noise = _rounding_sensitivity(run, sample, idx, q_len, n_demo, plain)
+        allowed = {name: max(tol, ROUNDING_FACTOR * noise.get(name, 0.0)) for name in diffs}
+        report.update(rounding_sensitivity=noise, allowed=allowed)
+        bad = [f"{k} off by {v:.3g} (allowed {allowed[k]:.3g})" for k, v in diffs.items()
+               if not v <= allowed[k]]  # fmt: skip
+        if not bad:
+            report["accepted_by"] = "rounding_sensitivity"
     bad += [f"{k} differ" for k, same in masks.items() if not same]
     if bad:
         report["reason"] = "; ".join(bad)
@@ -355,6 +366,37 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
         return 0
     report["used"] = True
     return prefix_len
+
+
+#: The shared-prefix path may differ from full prompts by up to this many times the plain
+#: path's own change under a rounding-sized perturbation of its input (``_rounding_sensitivity``)
+#: where that exceeds the dtype's tolerance. Rounding enters at every operation of every layer,
+#: the probe perturbs only the input once, hence a factor; a fast path that is wrong (lost
+#: demonstrations, a shifted window) is off by orders of magnitude more.
+ROUNDING_FACTOR = 10.0
+
+
+def _rounding_sensitivity(run: _Pass, sample: list, idx: Tensor, q_len: int, n_demo: int,
+                          plain: dict) -> dict[str, float]:  # fmt: skip
+    """Per recorded field, how far the plain (full-prompt) pass moves when the residual stream
+    entering layer 0 is multiplied by ``1 + eps * N(0, 1)`` (eps of the model's dtype; seeded):
+    the model's own amplification of one unit of rounding, the same measure as ``rel_diff``."""
+    k = len(sample)
+    eps = torch.finfo(run.dtype).eps
+    gen = torch.Generator().manual_seed(0)
+
+    def perturb(t: Tensor, hook) -> Tensor:
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        return (t.double() * (1.0 + eps * noise.to(t.device))).to(t.dtype)
+
+    again = _alloc(k, k, run.d, len(run.label_ids), q_len, n_demo, run.extra)
+    run.perturb = perturb
+    try:
+        run(sample, idx, again, k, 0, None)
+    finally:
+        run.perturb = None
+    return {name: rel_diff(again[key], plain[key]) for name, key in _COMPARED.items()
+            if key in again and key in plain}  # fmt: skip
 
 
 # every recorded field (the other sites where they are recorded separately on this model)
@@ -455,6 +497,7 @@ class _Pass:
         self.scales = [B.attn_scale(model, layer) for layer in range(d.n_layers)]
         self.from_model_logits = False  # set when the label-column path fails its check
         self.checking_prefix = False  # set during the self-check's shared-prefix pass
+        self.perturb = None  # a hook on layer 0's input, set while measuring rounding noise
         self.sites = recording_sites(model)
         # the other sites this model needs recorded separately (not the default's tensor)
         sites = self.sites
@@ -591,7 +634,7 @@ class _Pass:
         def final_hook(t, hook):
             final["x"] = _at(t, rows, pred).to(self.w_u.device)
 
-        hooks = []
+        hooks = [] if self.perturb is None else [(B.hook_name("resid_pre", 0), self.perturb)]
         for layer in range(d.n_layers):
             hooks += [
                 (B.hook_name("attn_out", layer), attn_out_hook(layer)),
