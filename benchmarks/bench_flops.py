@@ -381,16 +381,16 @@ def measure(args, dtype_name: str, data) -> dict:
     out = {"wall": wall, "bound": bound, "bound_vocab": bound_v, "floor": total,
            "gflops": best, "lr": res.runs[0].provenance["lr"],
            "fast_paths": res.runs[0].provenance["fast_paths"]["ft"],
-           "rows": _headline_rows(res)}  # fmt: skip
+           "rows": _headline_rows(res.runs[0])}  # fmt: skip
     del model, res
     gc.collect()
     return out
 
 
-def _headline_rows(res) -> dict:
+def _headline_rows(run) -> dict:
     """(metric, variant) -> (value, CI half-width) of the layer-mean rows in HEADLINE."""
     out = {}
-    for row in res.runs[0].rows:
+    for row in run.rows:
         key = (row["metric"], row["variant"])
         if row["layer"] != "mean" or key not in HEADLINE or row["kind"] == "lr_grid":
             continue

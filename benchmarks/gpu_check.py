@@ -188,21 +188,14 @@ def model_part(args, device: torch.device, dtype: torch.dtype) -> bool:
         print(f"  NOTE: the reference ran n_demos {cfg.get('n_demos')} n_eval {cfg.get('n_eval')}: "
               "other demonstrations and queries, so the differences below are not a precision "
               "check")  # fmt: skip
-    theirs = _headline_rows_of(RunResult.from_json(ref))
-    ours = _headline_rows(res)
+    theirs = _headline_rows(RunResult.from_json(ref))
+    ours = _headline_rows(res.runs[0])
     shown = ref_path.relative_to(ROOT) if ref_path.is_relative_to(ROOT) else ref_path
     print(f"  headline metrics vs {shown} (fp32 cpu; * = difference above the smaller CI "
           "half-width):")  # fmt: skip
     for line in headline_diffs(theirs, ours, "cpu fp32", device.type):
         print(f"    {line}")
     return True
-
-
-def _headline_rows_of(run) -> dict:
-    class _One:
-        runs = [run]
-
-    return _headline_rows(_One)
 
 
 def main() -> None:
