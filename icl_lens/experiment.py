@@ -76,7 +76,8 @@ SITE_SUFFIX = {"residual": "", "attention": "_attention", "q_pre": "", "q_post":
 _NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
 # Left out of ``key()`` at these values only (so the keys of results made before these fields
 # existed, all fp32 on the CPU, stay valid); any other value is part of the key.
-_KEY_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None}
+_KEY_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
+                 "patch_examples": 64}  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -111,6 +112,12 @@ class ExperimentConfig:
     # (None: all). Every layer is still run and FT still trains every layer's K/V: this
     # chooses what is analysed, not the protocol.
     layers: tuple[int, ...] | None = None
+    # ICL <-> FT activation patching (``circuit.patch_curves``, residual site, both directions
+    # with the shuffled-label, random and zero baselines) on the first ``patch_examples``
+    # evaluation examples, with the run's demonstrations and chosen rate. Opt-in: it costs
+    # about 2 directions x 4 variants x n_layers extra forward passes over those examples.
+    patching: bool = False
+    patch_examples: int = 64
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(ALL_BASELINES)
@@ -128,7 +135,7 @@ class ExperimentConfig:
         for name, rate in [("lr", self.lr), *(("lr_grid", g) for g in self.lr_grid)]:
             if rate is not None and not (math.isfinite(rate) and rate > 0):
                 raise ValueError(f"{name} must be finite and > 0 (got {rate})")
-        for name in ("batch_size", "n_boot", "n_heldout"):
+        for name in ("batch_size", "n_boot", "n_heldout", "patch_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.kendall_examples is not None and self.kendall_examples < 1:
@@ -625,6 +632,8 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     if "untrained" in cfg.baselines:
         with _baseline_ft(ctx, "untrained", lr):
             _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run)
+    if cfg.patching:
+        _patching(ctx, model, data, demos, lr, tok, progress)
     stages.update(1)
     if cfg.dual:
         _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok)
@@ -918,6 +927,44 @@ def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, 
     for variant, rec in (("untrained_zs", zs), ("untrained_icl", icl), ("untrained_ft", ft)):
         ctx.add("accuracy", variant, M.accuracy(rec.preds, rec.labels), kind="baseline",
                 n=len(rec))  # fmt: skip
+
+
+def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress) -> None:
+    """ICL <-> FT patching curves (rows ``patch_survival``, one per layer, variant
+    "<direction>:<what was put in>") and each direction's base change (``patch_base_change``).
+    The surviving fraction is a ratio to the base run's mean label-logit change; where that is
+    within two standard errors of 0 the rows' ``note`` says the fractions are unstable."""
+    from icl_lens.circuit import circuit_records, patch_curves  # circuit imports this module's deps
+
+    cfg = ctx.cfg
+    n = min(cfg.patch_examples, cfg.n_eval)
+    shuffled = "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = circuit_records(model, data, ctx.seed, lr=lr, n_eval=n, demos=demos, tokenizer=tok,
+                              sites=("residual",), mode=cfg.ft_mode, shuffled=shuffled,
+                              batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+        res = patch_curves(model, rec, layers=cfg.layers, n_boot=cfg.n_boot,
+                           batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    for w in caught:
+        if not issubclass(w.category, UserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for direction, base in res.base.items():
+        unstable = next((m for m in notes if m.startswith(f"{direction}:")), None)
+        mean = base.double().mean()
+        lo, hi = M.bootstrap_ci(base.double(), n_boot=cfg.n_boot, seed=ctx.seed)
+        ctx.add("patch_base_change", direction, mean, kind="diagnostic", ci=(lo, hi),
+                n=base.numel(), lr=lr, note=unstable)  # fmt: skip
+    for r in res.frame.itertuples():
+        unstable = next((m for m in notes if m.startswith(f"{r.direction}:")), None)
+        why = None
+        if not np.isfinite(r.fraction):
+            why = f"{r.direction}: the base run's mean label-logit change is 0"
+        ctx.add("patch_survival", f"{r.direction}:{r.variant}", r.fraction,
+                kind="result" if r.variant in ("ft", "icl") else "baseline", layer=r.layer,
+                ci=(r.ci_low, r.ci_high), n=r.n, lr=lr, note=why or unstable)  # fmt: skip
+    ctx.diagnostics["patching"] = {**res.info, "n_examples": n, "warnings": notes}
 
 
 def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:

@@ -727,3 +727,19 @@ def test_layers_reach_run_experiment_and_are_checked_against_the_model(
         with pytest.raises(SystemExit) as exit_:
             cli.main([*base, "--layers", bad])
         assert exit_.value.code == 2 and "--layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "want"), [([], None), (["--patching"], 64), (["--patching", "8"], 8)]
+)
+def test_patching_flag_reaches_run_experiment(monkeypatch, tmp_path, args, want):
+    use_model(monkeypatch, toy_model())
+    seen: dict = {}
+    fake_run(monkeypatch, seen)
+    with pytest.raises(RunStarted):
+        cli.main(["reproduce", "--tasks", "mr", "--out", str(tmp_path), "--no-figures", *args])
+    _close_bars()
+    if want is None:
+        assert "patching" not in seen  # off by default: the config key is unchanged
+    else:
+        assert seen["patching"] is True and seen["patch_examples"] == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -549,3 +550,43 @@ def test_an_unavailable_site_gives_rows_with_the_reason(gemma3, monkeypatch):
     assert f[(f.metric == "simaou_attention") & (f.variant == "ft")].value.notna().all()
     sites = res.runs[0].provenance["sites"]
     assert sites["unavailable"]["q_post"].endswith("(test)")
+
+
+def test_patching_is_opt_in_and_its_rows_are_the_notebook_functions(toy_setup, toy_results):
+    """``patching=True`` adds one ``patch_survival`` row per (direction, variant, layer), equal
+    to ``circuit.patch_curves`` on records made with the run's own demonstrations and rate."""
+    from icl_lens.circuit import circuit_records, patch_curves
+    from icl_lens.circuit.patching import DIRECTIONS
+
+    model, tok, data = toy_setup
+    assert "patch_survival" not in set(toy_results.to_frame().metric)  # off by default
+    lr = toy_results.runs[0].provenance["lr"]  # the same rate, without the grid search
+    kw = {**FAST, "baselines": ("shuffled",), "lr_sensitivity": False, "lr": lr}
+    res = E.run_experiment(model, data.task, data=data, tokenizer=tok, patching=True,
+                           patch_examples=12, **kw)  # fmt: skip
+    run, f = res.runs[0], res.to_frame()
+    assert run.provenance["config"]["patching"] is True
+    assert E.ExperimentConfig(patching=True).key() != E.ExperimentConfig().key()
+    rows = f[f.metric == "patch_survival"]
+    variants = {f"{d}:{v}" for d, (_, vs) in DIRECTIONS.items() for v in vs}
+    assert set(rows.variant) == variants and len(rows) == len(variants) * 2  # 2 layers
+    assert set(rows.n) == {12}
+    by_id = {x.id: x for x in data.demo_pool}
+    demos = [by_id[i] for i in run.provenance["demo_ids"]]
+    assert set(rows.lr) == {lr}
+    rec = circuit_records(model, data, 0, lr=lr, n_eval=12, demos=demos, tokenizer=tok,
+                          sites=("residual",))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want = patch_curves(model, rec, n_boot=FAST["n_boot"]).frame
+    unstable = {str(w.message).split(":")[0] for w in caught}
+    for direction in DIRECTIONS:  # the notebook function's warning is carried in the rows
+        notes = rows[rows.variant.str.startswith(direction + ":")].note
+        assert notes.fillna("").str.contains("unstable").all() == (direction in unstable)
+    for r in want.itertuples():
+        got = rows[(rows.variant == f"{r.direction}:{r.variant}") & (rows.layer == str(r.layer))]
+        assert got.value.iloc[0] == pytest.approx(r.fraction, abs=1e-12)
+        assert got.ci_low.iloc[0] == pytest.approx(r.ci_low, abs=1e-12)
+    base = f[f.metric == "patch_base_change"].set_index("variant").value
+    assert base["icl_to_ft"] != 0 and base["ft_to_icl"] != 0
+    assert run.diagnostics["patching"]["n_examples"] == 12

@@ -313,7 +313,8 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
 
 def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
     """bf16/fp16 and non-CPU runs get their own keys; the fp32 CPU key is the one results
-    made before these fields (and ``layers``) existed carry, so they are still resumed."""
+    made before these fields (and ``layers``, ``patching``) existed carry, so they are still
+    resumed."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -322,7 +323,7 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
 
     cfg = E.ExperimentConfig()
     old = {k: v for k, v in asdict(cfg).items()
-           if k not in (*E._NOT_IN_KEY, "dtype", "device", "layers")}  # fmt: skip
+           if k not in (*E._NOT_IN_KEY, *E._KEY_DEFAULTS)}  # fmt: skip
     blob = json.dumps(old, sort_keys=True, default=list)
     assert cfg.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     keys = {E.ExperimentConfig(dtype=d).key() for d in ("float32", "bfloat16", "float16")}

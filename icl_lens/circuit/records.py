@@ -181,6 +181,7 @@ def circuit_records(
     balanced_demos: bool = False,
     batch_size: int = 8,
     progress: bool = False,
+    demos: Sequence[Example] | None = None,
 ) -> CircuitRecords:
     """ZS, ICL and FT (and shuffled-label FT) records of one seed at the named ``sites``.
 
@@ -189,7 +190,8 @@ def circuit_records(
     ``sample_demos(pool, n_demos, seed)``, dropped from the end if a prompt would not fit the
     context (``tasks.fit_demos``). FT: ``finetuned(model, demos, lr, mode=mode)``; the
     shuffled-label FT (same rate) is skipped with a warning when the demonstrations have one
-    label. The model is left as it was.
+    label. The model is left as it was. ``demos``: use these demonstrations as given (no
+    sampling or fitting; ``run_experiment(patching=True)`` passes its own), ``n_demos`` unused.
     """
     B.check_model(model)
     sites = check_sites(list(sites))
@@ -205,8 +207,11 @@ def circuit_records(
     evals = list(data.eval[:n_eval])
     if not evals:
         raise ValueError(f"task {spec.name} has no evaluation examples")
-    demos = sample_demos(data.demo_pool, n_demos, seed, balanced=balanced_demos)
-    demos = fit_demos(spec, tok, demos, evals, d.n_ctx).demos
+    if demos is None:
+        demos = sample_demos(data.demo_pool, n_demos, seed, balanced=balanced_demos)
+        demos = fit_demos(spec, tok, demos, evals, d.n_ctx).demos
+    elif not demos:
+        raise ValueError("demos=[] gives no ICL update; pass demonstrations or None to sample")
     label_ids = label_token_ids(spec, tok)
     zs_prompts = [build_prompt(spec, tok, q, record=record) for q in evals]
     icl_prompts = [build_prompt(spec, tok, q, demos, record=record) for q in evals]

@@ -64,15 +64,25 @@ def attention_view(
     *,
     head: int | None = None,
     ax: Any = None,
+    backend: str = "matplotlib",
 ) -> Any:
     """Bars over the demonstration tokens of one example and layer: ICL's attention from the
     recorded row (``hook_pattern``; ``head``'s, or the mean over heads), ICL's renormalised
     head-summed weights and FT's dual-form weights (see :func:`attention_frame`), with the
     token strings, demonstration boundaries and the tokens outside the window shaded.
-    Returns the matplotlib Figure."""
+    Returns the matplotlib Figure.
+
+    ``backend="circuitsvis"`` returns an interactive ``circuitsvis`` view instead (the tokens
+    coloured by each of the three weights; hover for the values), for a live notebook; it needs
+    ``pip install 'icl-lens[circuitsvis]'``. It is HTML and JavaScript, so it is not kept in a
+    PNG as the matplotlib figure is. Offline, circuitsvis inlines its script."""
+    if backend not in ("matplotlib", "circuitsvis"):
+        raise ValueError(f"backend must be 'matplotlib' or 'circuitsvis', not {backend!r}")
+    frame = attention_frame(records, example, layer, head)
+    if backend == "circuitsvis":
+        return _circuitsvis_view(frame, head)
     import matplotlib.pyplot as plt
 
-    frame = attention_frame(records, example, layer, head)
     n = len(frame)
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2), 3.2))
@@ -99,6 +109,21 @@ def attention_view(
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _circuitsvis_view(frame: pd.DataFrame, head: int | None) -> Any:
+    """The three weights of :func:`attention_frame` as circuitsvis coloured tokens."""
+    try:
+        from circuitsvis.tokens import colored_tokens_multi
+    except ImportError:
+        raise ImportError(
+            "backend='circuitsvis' needs circuitsvis: pip install 'icl-lens[circuitsvis]' "
+            "(or use the default backend='matplotlib')"
+        ) from None
+    who = "mean over heads" if head is None else f"head {head}"
+    values = torch.tensor(frame[["icl_pattern", "icl_weights", "ft_dual"]].to_numpy())
+    labels = [f"ICL attention ({who})", "ICL, softmax over demos", "FT dual form"]
+    return colored_tokens_multi(list(frame.token), values.float(), labels)
 
 
 _STYLE = {  # variant: (colour, line style)

@@ -50,6 +50,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         config["self_checks"] = False
     if args.layers:
         config["layers"] = _check_layers(args.layers, model)
+    if args.patching:
+        config.update(patching=True, patch_examples=args.patching)
     results = Results()
     for data in tqdm(plan.data, desc="tasks"):
         results = results + run_experiment(

@@ -213,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
         "before any work",
     )
     rep.add_argument(
+        "--patching",
+        nargs="?",
+        const=64,
+        type=_int_at_least(1),
+        metavar="N",
+        help="also run ICL<->FT activation patching per layer (rows patch_survival, with the "
+        "shuffled-label, random and zero baselines) on the first N evaluation examples "
+        "(default N 64). Costs about 8 x n_layers extra forward passes over them",
+    )
+    rep.add_argument(
         "--threads",
         type=_int_at_least(1),
         help="CPU threads for torch, >= 1 (default: torch's choice, usually one per core)",

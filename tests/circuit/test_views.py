@@ -54,6 +54,32 @@ def test_attention_frame_by_hand(records, name):
     )
 
 
+def test_circuitsvis_view_carries_the_frames_tokens_and_weights(records, monkeypatch):
+    """The interactive view shows exactly :func:`attention_frame`'s three columns; without
+    circuitsvis the error names the extra. Only the inlined (offline) source is read: asking
+    for ``_repr_html_`` would make circuitsvis probe the network."""
+    import json
+    import re
+    import sys
+
+    pytest.importorskip("circuitsvis")
+    _, rec = records("toy")
+    frame = V.attention_frame(rec, 0, 1, head=1)
+    view = V.attention_view(rec, example=0, layer=1, head=1, backend="circuitsvis")
+    props = re.search(r"CircuitsVis\.ColoredTokensMulti,\s*(\{.*\})\s*\)", view.local_src, re.S)
+    props = json.loads(props.group(1))
+    assert props["tokens"] == rec.demo_tokens
+    got = torch.tensor(props["values"], dtype=torch.float64)
+    want = torch.tensor(frame[["icl_pattern", "icl_weights", "ft_dual"]].to_numpy())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert props["labels"][0] == "ICL attention (head 1)"
+    monkeypatch.setitem(sys.modules, "circuitsvis.tokens", None)
+    with pytest.raises(ImportError, match=r"icl-lens\[circuitsvis\]"):
+        V.attention_view(rec, backend="circuitsvis")
+    with pytest.raises(ValueError, match="backend must be"):
+        V.attention_view(rec, backend="plotly")
+
+
 def test_figures_draw(records):
     import matplotlib.pyplot as plt
 
