@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flops import _headline_rows, headline_diffs  # noqa: E402
 
 from icl_lens import backend as B  # noqa: E402
-from icl_lens.checks import rel_l2  # noqa: E402
+from icl_lens.checks import rel_l2, round_to_halves  # noqa: E402
 from icl_lens.conformance import build_tiny_checkpoint  # noqa: E402
-from icl_lens.finetune import finetuned, finetuned_grid  # noqa: E402
+from icl_lens.finetune import finetuned, finetuned_grid, first_step_updates  # noqa: E402
 from icl_lens.models import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +53,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _representable(model: torch.nn.Module) -> None:
-    """Round every weight to a value bf16 and fp16 both hold, so that both runs start from the
-    same numbers and differ only in their arithmetic."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).to(torch.float16).float())
-
-
 def _deltas(model, mode: str, side_by_side: bool, demos=DEMOS) -> tuple[list[torch.Tensor], str]:
     if side_by_side:
         with finetuned_grid(model, demos, [LR, 3 * LR], mode=mode, progress=False) as grid:
@@ -69,14 +61,6 @@ def _deltas(model, mode: str, side_by_side: bool, demos=DEMOS) -> tuple[list[tor
                 return [d.detach().float().cpu() for d in state.deltas], how
     with finetuned(model, demos, LR, mode=mode, progress=False) as state:
         return [d.detach().float().cpu() for d in state.deltas], "in place"
-
-
-def _linear(model) -> list[torch.Tensor]:
-    """The summed first-step updates from the untrained weights, one demonstration at a time:
-    FT's update without its trajectory. Its error against fp32's is the floor that the dtype's
-    own gradients set (tests/test_finetune_half.py)."""
-    steps = [_deltas(model, "standard", False, [demo])[0] for demo in DEMOS]
-    return [torch.stack(parts).sum(0) for parts in zip(*steps, strict=True)]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -96,13 +80,13 @@ def tiny_part(device: torch.device, dtype: torch.dtype) -> bool:
         for arch in ARCHS:
             path = build_tiny_checkpoint(arch, Path(tmp) / arch)
             ref = load_model(path, progress=False, processing="none")
-            _representable(ref)
+            round_to_halves(ref)
             dev = load_model(path, progress=False, processing="none", dtype=dtype, device=device)
             with torch.no_grad():
                 for p, q in zip(dev.parameters(), ref.parameters(), strict=True):
                     p.copy_(q.to(dtype))
             snap = _state(dev)
-            floor = rel_l2(_linear(dev), _linear(ref))
+            floor = rel_l2(first_step_updates(dev, DEMOS, LR), first_step_updates(ref, DEMOS, LR))
             bound = max(0.02, 2 * floor)
             print(f"  {arch:6s} the dtype's floor (first-step updates vs fp32) {floor:.4f}; "
                   f"bound max(2%, 2x floor) = {bound:.4f}")  # fmt: skip

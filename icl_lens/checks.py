@@ -82,3 +82,12 @@ def rel_l2(a, b) -> float:
     if den == 0:
         return 0.0 if num == 0 else float("inf")
     return (num / den) ** 0.5
+
+
+def round_to_halves(model: torch.nn.Module) -> None:
+    """Round every weight, in place, to a value that bfloat16 and float16 both hold exactly,
+    so that copies of it in fp32, bf16 and fp16 start from the same numbers and differ only in
+    their arithmetic (the half-precision checks compare FT updates across dtypes)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float16).to(p.dtype))

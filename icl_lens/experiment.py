@@ -523,7 +523,11 @@ def _run_seed(model, data, tok, seed, cfg, name, progress) -> RunResult:
 
         warnings.showwarning = keep
         run = _run_seed_inner(model, data, tok, seed, cfg, name, progress, undefined)
-    noted = sorted({r["metric"] for r in run.rows if r.get("note")})
+    # rows whose value, or some of whose examples, are undefined (not a caution like patching's)
+    noted = sorted(
+        {r["metric"] for r in run.rows
+         if r.get("note") and (r["value"] is None or "undefined" in r["note"])}
+    )  # fmt: skip
     if noted:
         log.warning(
             "%s seed %d: some entries of %s are undefined and left out; the reasons are in "

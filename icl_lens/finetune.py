@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -433,6 +434,18 @@ def finetuned(
         with _training(model):
             _train(model, sequences, trained, state, record_queries, progress, originals)
         yield state
+
+
+def first_step_updates(model: nn.Module, demos: Sequence, lr: float, **kwargs: Any) -> list[Tensor]:
+    """The sum over ``demos`` of each one's FT update alone from the untouched weights (one
+    ``finetuned`` per demonstration; ``kwargs`` as there): FT's update without its trajectory.
+    Its error in a half-precision model against fp32 is the floor that the dtype's own
+    gradients set, the yardstick the half-precision checks hold FT to."""
+    steps = []
+    for demo in demos:
+        with finetuned(model, [demo], lr, record_queries=False, **kwargs) as state:
+            steps.append([d.detach().float().cpu() for d in state.deltas])
+    return [torch.stack(parts).sum(0) for parts in zip(*steps, strict=True)]
 
 
 def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str,

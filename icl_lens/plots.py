@@ -549,6 +549,52 @@ def dual(results: Results | pd.DataFrame) -> Figure:
     )
 
 
+def patching(results: Results | pd.DataFrame) -> Figure:
+    """ICL <-> FT activation patching (``run_experiment(patching=True)``): per layer, the
+    fraction of the base run's label-logit change that survives when its update is replaced
+    by FT's (left) or ICL's (right), norm-matched, beside the shuffled-label FT update, a
+    random update of equal norm and no update."""
+    f = _frame(results)
+    per_layer = f[(f["metric"] == "patch_survival") & (f["layer"] != "mean")]
+    if per_layer.empty:
+        raise MissingMetricsError("no patch_survival rows (run with patching=True)")
+    cols = [
+        ("ICL run, ICL's update replaced", "icl_to_ft", [
+            ("by FT's", "ft", COLORS["ft"]), ("by shuffled-label FT's", "ft_shuffled",
+            COLORS["ft_shuffled"]), ("by a random one", "random", COLORS["gaussian"]),
+            ("removed", "zero", COLORS["zs"]),
+        ]),
+        ("FT run, FT's update replaced", "ft_to_icl", [
+            ("by ICL's", "icl", COLORS["icl"]), ("by shuffled-label FT's", "ft_shuffled",
+            COLORS["ft_shuffled"]), ("by a random one", "random", COLORS["gaussian"]),
+            ("removed", "zero", COLORS["zs"]),
+        ]),
+    ]  # fmt: skip
+    groups = _groups(per_layer)
+    fig = _new_figure(5.2 * len(cols), 2.8 * len(groups) + 0.9)
+    axes = fig.subplots(len(groups), len(cols), squeeze=False)
+    for r, g in enumerate(groups):
+        rows = per_layer[per_layer["group"] == g]
+        layer_ids = sorted({int(x) for x in rows["layer"]})
+        for c, (title, direction, variants) in enumerate(cols):
+            ax = axes[r, c]
+            for label, v, color in variants:
+                s = S(label, "patch_survival", f"{direction}:{v}", color)
+                stats = [_stat(_rows(rows, s, layer=str(layer))) for layer in layer_ids]
+                _line(ax, layer_ids, stats, s, "-" if v in ("ft", "icl") else "--")
+            ax.axhline(0, color="black", linewidth=0.6)
+            ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+            ax.set_xlabel("layer patched")
+            ax.set_ylabel("fraction of the change kept")
+            ax.set_title(f"{g.replace(chr(10), ' · ')}: {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if r == 0:
+                _legend(ax)
+    note = _note(f, "bands", "1 = the base run's whole label-logit change survives")
+    return _finish(fig, f, "ICL <-> FT activation patching", note)
+
+
 FIGURES = {
     "accuracy": accuracy,
     "simaou": simaou,
@@ -558,6 +604,7 @@ FIGURES = {
     "lr_sensitivity": lr_sensitivity,
     "rec2ftp": rec2ftp,
     "dual": dual,
+    "patching": patching,
 }
 
 

@@ -15,29 +15,22 @@ import pytest
 import torch
 
 from icl_lens import backend as B
-from icl_lens.checks import FastPathWarning, rel_l2, tolerance
-from icl_lens.finetune import finetuned, finetuned_grid
+from icl_lens.checks import FastPathWarning, rel_l2, round_to_halves, tolerance
+from icl_lens.finetune import finetuned, finetuned_grid, first_step_updates
 
 ARCHS = ("llama", "gpt2", "gemma3")
 HALF = (torch.bfloat16, torch.float16)
 LR = 1e-3  # updates of 0.06-1% of |W|: far below a bf16 ulp of most weights
 # FT's update must be within BOUND of fp32's, or within FLOOR_FACTOR times the floor that the
-# dtype's own arithmetic sets (``_linear``: the summed first-step updates, all taken at the
-# untrained weights, against fp32's), where that is larger. Only bf16 on the Gemma-3 toy has
-# a floor above 1%: ~2.3% (each of its gradients is 1.8-2.6% off fp32's; its forward
+# dtype's own arithmetic sets (``first_step_updates``: the summed first-step updates, all
+# taken at the untrained weights, against fp32's), where that is larger. Only bf16 on the
+# Gemma-3 toy has a floor above 1%: ~2.3% (each of its gradients is 1.8-2.6% off fp32's; its forward
 # activations already are 0.5-2% off), so no K/V update can be closer; in place, the weights'
 # per-step rounding to round(W + delta) adds 1-1.3 points (3.2% on TL 4, 3.6% on TL 3; side
 # by side, which adds x·delta to x·W and so never rounds W + delta: 2.4%, 2.7%).
 BOUND = 0.02
 FLOOR_FACTOR = 2.0
 MEASURED: dict[tuple[str, str, str], tuple[float, float]] = {}
-
-
-def _representable(model: torch.nn.Module) -> None:
-    """Round every weight to a value bfloat16 and float16 both hold exactly."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).to(torch.float16).float())
 
 
 def _tiny_hf(arch: str) -> torch.nn.Module:
@@ -68,7 +61,7 @@ def _tiny_hf(arch: str) -> torch.nn.Module:
                 max_position_embeddings=64, sliding_window=4,
                 layer_types=["sliding_attention", "sliding_attention", "full_attention"], **ids,
             ))  # fmt: skip
-    _representable(model)
+    round_to_halves(model)
     model.config._attn_implementation = "eager"
     return model.eval()
 
@@ -125,23 +118,17 @@ def _side_by_side(model, mode: str) -> list[torch.Tensor]:
             return [d.clone() for d in state.deltas]
 
 
-def _linear(model) -> list[torch.Tensor]:
-    """The sum over the demonstrations of each one's first-step update from the untrained
-    weights: FT's update without its trajectory (what the dtype's gradients alone give)."""
-    steps = [_in_place(model, "standard", [demo]) for demo in DEMOS]
-    return [torch.stack(parts).sum(0) for parts in zip(*steps, strict=True)]
-
-
 @pytest.fixture(scope="module")
 def reference(load):
-    """``reference(arch)``: the fp32 model's FT deltas (in place) per mode, and ``_linear``."""
+    """``reference(arch)``: the fp32 model's FT deltas (in place) per mode, and its
+    ``first_step_updates``."""
     refs: dict = {}
 
     def get(arch: str):
         if arch not in refs:
             model = load(arch, torch.float32)
             refs[arch] = {mode: _in_place(model, mode) for mode in ("standard", "layer_causal")}
-            refs[arch]["linear"] = _linear(model)
+            refs[arch]["linear"] = first_step_updates(model, DEMOS, LR)
         return refs[arch]
 
     return get
@@ -168,7 +155,7 @@ def test_half_precision_ft_update_matches_fp32(load, reference, arch, dtype):
     deltas) is within 2% (L2) of the fp32 run's, or within 2x of the floor the dtype's own
     gradients set where that is larger (bf16 on Gemma-3)."""
     model, ref = load(arch, dtype), reference(arch)
-    floor = rel_l2(_linear(model), ref["linear"])
+    floor = rel_l2(first_step_updates(model, DEMOS, LR), ref["linear"])
     for mode in ("standard", "layer_causal"):
         _check(arch, dtype, f"in place {mode}", _in_place(model, mode), ref[mode], floor)
         _check(arch, dtype, f"side by side {mode}", _side_by_side(model, mode), ref[mode], floor)
@@ -270,7 +257,7 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
     path = tmp_path / "llama"
     hf = _tiny_hf("llama")
     hf.resize_token_embeddings(tok.vocab_size)
-    _representable(hf)
+    round_to_halves(hf)
     hf.save_pretrained(str(path))
     from test_models import tiny_tokenizer
 

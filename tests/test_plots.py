@@ -199,3 +199,29 @@ def test_lr_sensitivity_has_no_empty_panel_and_one_legend(results):
     assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(labels) == len(set(labels)) and "FT accuracy" in labels
+
+
+def test_patching_curves_are_per_layer_means_and_skipped_without_rows(results):
+    import pandas as pd
+
+    frame = results.to_frame()
+    with pytest.raises(plots.MissingMetricsError, match="patching=True"):
+        plots.patching(frame)
+    rng = np.random.default_rng(0)
+    rows = [
+        {**frame.iloc[0].to_dict(), "metric": "patch_survival", "variant": f"{d}:{v}",
+         "layer": str(layer), "seed": seed, "value": rng.normal(), "ci_low": None,
+         "ci_high": None}
+        for d, vs in [("icl_to_ft", ("ft", "ft_shuffled", "random", "zero")),
+                      ("ft_to_icl", ("icl", "ft_shuffled", "random", "zero"))]
+        for v in vs for layer in (0, 1) for seed in (0, 1)
+    ]  # fmt: skip
+    both = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
+    fig = plots.patching(both)
+    for ax, direction, label, v in [(fig.axes[0], "icl_to_ft", "by FT's", "ft"),
+                                    (fig.axes[1], "ft_to_icl", "by ICL's", "icl")]:  # fmt: skip
+        line = next(ln for ln in ax.get_lines() if ln.get_label() == label)
+        sel = both[(both.metric == "patch_survival") & (both.variant == f"{direction}:{v}")]
+        want = sel.groupby(sel.layer.astype(int)).value.mean()
+        np.testing.assert_allclose(line.get_xdata(), want.index.to_numpy())
+        np.testing.assert_allclose(line.get_ydata(), want.to_numpy())
