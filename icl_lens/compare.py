@@ -50,10 +50,13 @@ import pandas as pd
 from icl_lens.results import SUMMARY_COLUMNS, Results
 
 VERSION_KEYS = ("icl_lens", "icl_lens_git", "backend", "transformer_lens", "transformers", "torch")
-# config fields that do not change a seed's numbers: the seeds run, and the fast-path controls
-_CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks")
-# fields added later, and what a file without them ran with (older files ran fp32 on the CPU)
-_CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu"}
+# config fields that do not change a seed's headline numbers: the seeds run, the fast-path
+# controls, and the opt-in patching (it only adds rows)
+_CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks", "patching", "patch_examples")
+# fields added later, and what a file without them ran with (older files ran fp32 on the CPU,
+# reported every layer, no patching); experiment._KEY_DEFAULTS must be a subset (a test says so)
+_CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
+                    "patch_examples": 64}  # fmt: skip
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
 # headline metrics at the other recording sites (experiment.SITES): results made before those
 # were recorded lack them, which is noted as such, not as a difference

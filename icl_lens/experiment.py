@@ -114,8 +114,9 @@ class ExperimentConfig:
     layers: tuple[int, ...] | None = None
     # ICL <-> FT activation patching (``circuit.patch_curves``, residual site, both directions
     # with the shuffled-label, random and zero baselines) on the first ``patch_examples``
-    # evaluation examples, with the run's demonstrations and chosen rate. Opt-in: it costs
-    # about 2 directions x 4 variants x n_layers extra forward passes over those examples.
+    # evaluation examples, with the run's demonstrations and chosen rate. Opt-in: it costs a
+    # few more FT trainings and captures, and 2 directions x 4 variants forward passes over
+    # those examples per patched layer (``layers``, or all).
     patching: bool = False
     patch_examples: int = 64
 
@@ -166,6 +167,8 @@ class ExperimentConfig:
         """A short hash of the config, to refuse resuming a run made with other settings."""
         fields = {k: v for k, v in asdict(self).items()
                   if k not in _NOT_IN_KEY and _KEY_DEFAULTS.get(k, object()) != v}  # fmt: skip
+        if not self.patching:  # how many examples patching would use: moot when it is off
+            fields.pop("patch_examples", None)
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -637,7 +640,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
         with _baseline_ft(ctx, "untrained", lr):
             _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, run)
     if cfg.patching:
-        _patching(ctx, model, data, demos, lr, tok, progress)
+        _patching(ctx, model, data, demos, lr, tok, progress, "ft_shuffled" in extra)
     stages.update(1)
     if cfg.dual:
         _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok)
@@ -933,42 +936,58 @@ def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, 
                 n=len(rec))  # fmt: skip
 
 
-def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress) -> None:
+def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress, shuffled: bool) -> None:
     """ICL <-> FT patching curves (rows ``patch_survival``, one per layer, variant
     "<direction>:<what was put in>") and each direction's base change (``patch_base_change``).
     The surviving fraction is a ratio to the base run's mean label-logit change; where that is
-    within two standard errors of 0 the rows' ``note`` says the fractions are unstable."""
+    within two standard errors of 0 the rows' ``note`` says the fractions are unstable.
+    ``shuffled``: the run's own shuffled-label FT succeeded, so patching may use it."""
     from icl_lens.circuit import circuit_records, patch_curves  # circuit imports this module's deps
+    from icl_lens.circuit.patching import DIRECTIONS
 
     cfg = ctx.cfg
-    n = min(cfg.patch_examples, cfg.n_eval)
-    shuffled = "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rec = circuit_records(model, data, ctx.seed, lr=lr, n_eval=n, demos=demos, tokenizer=tok,
-                              sites=("residual",), mode=cfg.ft_mode, shuffled=shuffled,
-                              batch_size=cfg.batch_size, progress=progress)  # fmt: skip
-        res = patch_curves(model, rec, layers=cfg.layers, n_boot=cfg.n_boot,
-                           batch_size=cfg.batch_size, progress=progress)  # fmt: skip
-    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        try:
+            rec = circuit_records(model, data, ctx.seed, lr=lr, n_eval=cfg.patch_examples,
+                                  demos=demos, tokenizer=tok, sites=("residual",),
+                                  mode=cfg.ft_mode, shuffled=shuffled, batch_size=cfg.batch_size,
+                                  progress=progress)  # fmt: skip
+            res = patch_curves(model, rec, layers=cfg.layers, n_boot=cfg.n_boot,
+                               batch_size=cfg.batch_size, progress=progress)  # fmt: skip
+        except FinetuneDivergedError as e:
+            res, failed = None, f"patching left out: {e}"
+    # patch_curves' own cautions start with a direction; every other warning is shown as usual
+    own = [str(w.message) for w in caught if str(w.message).split(":")[0] in DIRECTIONS]
     for w in caught:
-        if not issubclass(w.category, UserWarning):
+        if str(w.message) not in own:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if res is None:
+        for direction in DIRECTIONS:
+            ctx.add("patch_base_change", direction, None, kind="diagnostic", lr=lr, note=failed)
+        ctx.diagnostics["patching"] = {"error": failed}
+        return
+    unstable = {}
     for direction, base in res.base.items():
-        unstable = next((m for m in notes if m.startswith(f"{direction}:")), None)
-        mean = base.double().mean()
-        lo, hi = M.bootstrap_ci(base.double(), n_boot=cfg.n_boot, seed=ctx.seed)
-        ctx.add("patch_base_change", direction, mean, kind="diagnostic", ci=(lo, hi),
-                n=base.numel(), lr=lr, note=unstable)  # fmt: skip
+        ci = M.bootstrap_ci(base.double(), n_boot=cfg.n_boot, seed=ctx.seed)
+        b_mean, b_se = (res.frame[res.frame.direction == direction][["base_mean", "base_se"]]
+                        .iloc[0].tolist())  # fmt: skip
+        if not abs(b_mean) > 2 * b_se:
+            unstable[direction] = (
+                f"{direction}: the base run's mean label-logit change ({b_mean:.3g}) is within 2 "
+                f"standard errors ({b_se:.3g}) of 0, so the surviving fractions are unstable"
+            )
+        ctx.add("patch_base_change", direction, b_mean, kind="diagnostic", ci=ci,
+                n=base.numel(), lr=lr, note=unstable.get(direction))  # fmt: skip
     for r in res.frame.itertuples():
-        unstable = next((m for m in notes if m.startswith(f"{r.direction}:")), None)
         why = None
         if not np.isfinite(r.fraction):
             why = f"{r.direction}: the base run's mean label-logit change is 0"
         ctx.add("patch_survival", f"{r.direction}:{r.variant}", r.fraction,
                 kind="result" if r.variant in ("ft", "icl") else "baseline", layer=r.layer,
-                ci=(r.ci_low, r.ci_high), n=r.n, lr=lr, note=why or unstable)  # fmt: skip
-    ctx.diagnostics["patching"] = {**res.info, "n_examples": n, "warnings": notes}
+                ci=(r.ci_low, r.ci_high), n=r.n, lr=lr,
+                note=why or unstable.get(r.direction))  # fmt: skip
+    ctx.diagnostics["patching"] = {**res.info, "n_examples": len(rec), "warnings": own}
 
 
 def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:

@@ -190,9 +190,12 @@ class Results:
         return f"{len(self.runs)} runs · model {models} · tasks {tasks} · seeds {seeds}"
 
     def undefined(self) -> pd.DataFrame:
-        """The layer-mean rows whose value is undefined (NaN), with the reason each carries."""
+        """The layer-mean rows whose value is undefined (NaN), with the reason each carries;
+        for a metric reported per layer only (e.g. ``patch_survival``), its per-layer rows."""
         f = self.to_frame()
-        f = f[(f.layer.astype(str) == "mean") & f["value"].isna()]
+        layer = f.layer.astype(str)
+        per_layer_only = set(f.metric) - set(f.metric[layer == "mean"])
+        f = f[((layer == "mean") | f.metric.isin(per_layer_only)) & f["value"].isna()]
         return f[["task", "seed", "metric", "variant", "note"]].reset_index(drop=True)
 
     def __repr__(self) -> str:

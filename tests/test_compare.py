@@ -282,6 +282,22 @@ def test_config_fields_added_later_read_as_what_older_files_ran_with(tmp_path):
     assert "dtype 'bfloat16' vs 'float32'" in note
 
 
+def test_every_field_left_out_of_the_key_at_its_default_reads_as_that_default(tmp_path):
+    """A file made before ``layers``/``patching`` existed compares with one that records their
+    defaults, and with one that ran patching (it only adds rows)."""
+    from icl_lens import compare as C
+    from icl_lens import experiment as E
+
+    assert E._KEY_DEFAULTS.items() <= C._CONFIG_DEFAULTS.items()
+    ref = _write(tmp_path / "ref", _runs(tasks=("sst2",)))
+    for i, extra in enumerate([dict(E._KEY_DEFAULTS), {"patching": True, "patch_examples": 8}]):
+        run = _run("sst2", 0)
+        run.provenance["config"] = {**run.provenance["config"], **extra}
+        run.provenance["config_key"] = f"another-key-{i}"
+        row = _row(compare(_write(tmp_path / f"run{i}", [run]), ref), "sst2", 0, "simaou", "ft")
+        assert row["within"], row["note"]
+
+
 def test_a_reference_made_before_the_other_sites_lacks_them_without_failing(tmp_path):
     """A run with the other recording sites' rows against a reference made before they were
     recorded (no provenance["sites"]): those values are noted as such, not compared, and the

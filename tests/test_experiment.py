@@ -552,37 +552,44 @@ def test_an_unavailable_site_gives_rows_with_the_reason(gemma3, monkeypatch):
     assert sites["unavailable"]["q_post"].endswith("(test)")
 
 
-def test_patching_is_opt_in_and_its_rows_are_the_notebook_functions(toy_setup, toy_results):
+@pytest.mark.parametrize("baselines", [("shuffled",), ()])
+def test_patching_is_opt_in_and_its_rows_are_the_notebook_functions(
+    toy_setup, toy_results, baselines
+):
     """``patching=True`` adds one ``patch_survival`` row per (direction, variant, layer), equal
-    to ``circuit.patch_curves`` on records made with the run's own demonstrations and rate."""
+    to ``circuit.patch_curves`` on records made with the run's own demonstrations and rate;
+    the shuffled-label variant only where that baseline ran, and the rows' notes say only
+    whether the fractions are unstable."""
     from icl_lens.circuit import circuit_records, patch_curves
     from icl_lens.circuit.patching import DIRECTIONS
 
     model, tok, data = toy_setup
     assert "patch_survival" not in set(toy_results.to_frame().metric)  # off by default
     lr = toy_results.runs[0].provenance["lr"]  # the same rate, without the grid search
-    kw = {**FAST, "baselines": ("shuffled",), "lr_sensitivity": False, "lr": lr}
+    kw = {**FAST, "baselines": baselines, "lr_sensitivity": False, "lr": lr}
     res = E.run_experiment(model, data.task, data=data, tokenizer=tok, patching=True,
                            patch_examples=12, **kw)  # fmt: skip
     run, f = res.runs[0], res.to_frame()
     assert run.provenance["config"]["patching"] is True
     assert E.ExperimentConfig(patching=True).key() != E.ExperimentConfig().key()
     rows = f[f.metric == "patch_survival"]
-    variants = {f"{d}:{v}" for d, (_, vs) in DIRECTIONS.items() for v in vs}
+    variants = {f"{d}:{v}" for d, (_, vs) in DIRECTIONS.items() for v in vs
+                if baselines or v != "ft_shuffled"}  # fmt: skip
     assert set(rows.variant) == variants and len(rows) == len(variants) * 2  # 2 layers
     assert set(rows.n) == {12}
     by_id = {x.id: x for x in data.demo_pool}
     demos = [by_id[i] for i in run.provenance["demo_ids"]]
     assert set(rows.lr) == {lr}
     rec = circuit_records(model, data, 0, lr=lr, n_eval=12, demos=demos, tokenizer=tok,
-                          sites=("residual",))  # fmt: skip
+                          sites=("residual",), shuffled=bool(baselines))  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         want = patch_curves(model, rec, n_boot=FAST["n_boot"]).frame
-    unstable = {str(w.message).split(":")[0] for w in caught}
+    unstable = {str(w.message).split(":")[0] for w in caught if "unstable" in str(w.message)}
     for direction in DIRECTIONS:  # the notebook function's warning is carried in the rows
         notes = rows[rows.variant.str.startswith(direction + ":")].note
         assert notes.fillna("").str.contains("unstable").all() == (direction in unstable)
+        assert notes.isna().all() == (direction not in unstable)  # nothing else in the notes
     for r in want.itertuples():
         got = rows[(rows.variant == f"{r.direction}:{r.variant}") & (rows.layer == str(r.layer))]
         assert got.value.iloc[0] == pytest.approx(r.fraction, abs=1e-12)
@@ -590,3 +597,13 @@ def test_patching_is_opt_in_and_its_rows_are_the_notebook_functions(toy_setup, t
     base = f[f.metric == "patch_base_change"].set_index("variant").value
     assert base["icl_to_ft"] != 0 and base["ft_to_icl"] != 0
     assert run.diagnostics["patching"]["n_examples"] == 12
+
+
+def test_patch_examples_is_in_the_key_only_with_patching():
+    base = E.ExperimentConfig()
+    assert E.ExperimentConfig(patch_examples=8).key() == base.key()
+    on = E.ExperimentConfig(patching=True)
+    assert (
+        on.key() != base.key()
+        and E.ExperimentConfig(patching=True, patch_examples=8).key() != on.key()
+    )

@@ -313,6 +313,9 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
            if k not in (*E._NOT_IN_KEY, *E._KEY_DEFAULTS)}  # fmt: skip
     blob = json.dumps(old, sort_keys=True, default=list)
     assert cfg.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    # and literally the key of the reference run's files (made at 56f5c63), so that a new field
+    # that changed the default key could not pass by also changing the list above
+    assert cfg.key() == "5c12b0109055"
     keys = {E.ExperimentConfig(dtype=d).key() for d in ("float32", "bfloat16", "float16")}
     assert len(keys) == 3
     assert E.ExperimentConfig(device="cuda").key() != cfg.key()

@@ -193,3 +193,8 @@ def test_results_render_as_html_with_the_reasons_for_undefined_values():
     assert "undefined" in page and "no ZS-wrong example" in page
     assert list(res.undefined()["metric"]) == ["rec2ftp"]
     assert "no rows" in Results()._repr_html_()
+    # a metric reported per layer only (patching) shows its undefined per-layer rows
+    a.rows.append({**a.rows[0], "metric": "patch_survival", "variant": "icl_to_ft:ft",
+                   "layer": "1", "value": None, "note": "base change is 0"})  # fmt: skip
+    a.rows.append({**a.rows[0], "metric": "simaou", "layer": "1", "value": None, "note": "x"})
+    assert list(Results([a]).undefined()["metric"]) == ["rec2ftp", "patch_survival"]

@@ -22,6 +22,7 @@ patches one head's ``hook_z`` at a time. Norms are matched in output space (d_mo
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -204,7 +205,8 @@ def patch_curves(
     ``residual``, or ``heads`` for ``site="attention"``/``heads=True``). The FT run re-trains
     FT with the records' demonstrations and rate (``finetune.finetuned``; restored after).
     The ``ft_shuffled`` variant needs records made with ``shuffled=True``. Random directions
-    come from ``torch.Generator().manual_seed(records.seed)``.
+    come from a generator seeded per (``records.seed``, direction, layer, head), so a layer's
+    values do not depend on which other layers are patched.
     """
     if records.record != "predict":
         raise ValueError(
@@ -226,7 +228,6 @@ def patch_curves(
     units = _units(records, site, heads)
     unit_dims = 3 if heads else 2
     zs_val = units["zs"][0]
-    gen = torch.Generator().manual_seed(records.seed)
     labels = records.labels
     ld_zs = label_logit_diff(records.zs.label_logits, labels)
     moved: dict[tuple[str, str], Tensor] = {}
@@ -259,6 +260,7 @@ def patch_curves(
                     for v in variants]  # fmt: skip
             for li, hi, v in tqdm(todo, desc=f"patch {direction}", disable=not progress):
                 layer, head = layers[li], head_list[hi]
+                gen = _generator(records.seed, direction, layer, head)
                 new = _new_update(records, units, v, layer, head, target, unit_dims, gen)
                 value = zs_val[:, layer] if head is None else zs_val[:, layer, head]
                 value = value + new
@@ -296,6 +298,12 @@ def patch_curves(
         "norm_matched": "the inserted update is rescaled to the base update's norm (d_model)",
     }
     return PatchResult(pd.DataFrame(rows), moved, base, info)
+
+
+def _generator(seed: int, direction: str, layer: int, head: int | None) -> torch.Generator:
+    """The random baseline's generator for one patched unit (independent of the others)."""
+    digest = hashlib.sha256(f"{seed}/{direction}/{layer}/{head}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 @contextmanager

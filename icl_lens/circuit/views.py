@@ -80,6 +80,8 @@ def attention_view(
         raise ValueError(f"backend must be 'matplotlib' or 'circuitsvis', not {backend!r}")
     frame = attention_frame(records, example, layer, head)
     if backend == "circuitsvis":
+        if ax is not None:
+            raise ValueError("ax= is for the matplotlib backend; circuitsvis draws its own view")
         return _circuitsvis_view(frame, head)
     import matplotlib.pyplot as plt
 

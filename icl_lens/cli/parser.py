@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also run ICL<->FT activation patching per layer (rows patch_survival, with the "
         "shuffled-label, random and zero baselines) on the first N evaluation examples "
-        "(default N 64). Costs about 8 x n_layers extra forward passes over them",
+        "(default N 64). Costs a few more FT trainings and captures of them, and 8 forward "
+        "passes over them per patched layer (see --layers)",
     )
     rep.add_argument(
         "--threads",

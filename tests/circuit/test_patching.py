@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -131,6 +132,12 @@ def test_patch_curves_frame(records):
     assert row.fraction == pytest.approx(float(moved.mean() / res.base[row.direction].mean()))
     assert row.base_mean == pytest.approx(float(res.base[row.direction].mean()))
     assert len(heads.frame) == 4 * rec.n_heads and set(heads.frame["head"]) == set(range(4))
+    # a layer's rows (the random baseline's too) do not depend on which other layers are patched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = P.patch_curves(model, rec, layers=[1], n_boot=50)
+    full = res.frame[res.frame.layer == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one.frame, full)
     assert heads.info["site"] == "attention"
     # the model is left as it was (the FT run re-trains and restores)
     model2, rec2 = records("toy")

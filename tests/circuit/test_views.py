@@ -76,6 +76,8 @@ def test_circuitsvis_view_carries_the_frames_tokens_and_weights(records, monkeyp
     monkeypatch.setitem(sys.modules, "circuitsvis.tokens", None)
     with pytest.raises(ImportError, match=r"icl-lens\[circuitsvis\]"):
         V.attention_view(rec, backend="circuitsvis")
+    with pytest.raises(ValueError, match="ax= is for the matplotlib backend"):
+        V.attention_view(rec, backend="circuitsvis", ax=object())
     with pytest.raises(ValueError, match="backend must be"):
         V.attention_view(rec, backend="plotly")
 
