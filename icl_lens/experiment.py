@@ -943,7 +943,7 @@ def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress, shuff
     within two standard errors of 0 the rows' ``note`` says the fractions are unstable.
     ``shuffled``: the run's own shuffled-label FT succeeded, so patching may use it."""
     from icl_lens.circuit import circuit_records, patch_curves  # circuit imports this module's deps
-    from icl_lens.circuit.patching import DIRECTIONS
+    from icl_lens.circuit.patching import DIRECTIONS, is_unstable
 
     cfg = ctx.cfg
     with warnings.catch_warnings(record=True) as caught:
@@ -972,7 +972,7 @@ def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress, shuff
         ci = M.bootstrap_ci(base.double(), n_boot=cfg.n_boot, seed=ctx.seed)
         b_mean, b_se = (res.frame[res.frame.direction == direction][["base_mean", "base_se"]]
                         .iloc[0].tolist())  # fmt: skip
-        if not abs(b_mean) > 2 * b_se:
+        if is_unstable(b_mean, b_se):
             unstable[direction] = (
                 f"{direction}: the base run's mean label-logit change ({b_mean:.3g}) is within 2 "
                 f"standard errors ({b_se:.3g}) of 0, so the surviving fractions are unstable"

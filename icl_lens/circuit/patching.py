@@ -160,6 +160,12 @@ class PatchResult:
         return self.frame[self.frame.direction == direction].reset_index(drop=True)
 
 
+def is_unstable(mean: float, se: float) -> bool:
+    """A base change within 2 standard errors of 0: the surviving fractions (ratios to it)
+    are unstable (``patch_curves`` warns; ``run_experiment`` notes it on the rows)."""
+    return not abs(mean) > 2 * se
+
+
 def _units(records: CircuitRecords, site: str, heads: bool) -> dict[str, Tensor]:
     """Per condition: the patch-space value (residual vector or z) and output-space vector."""
     out = {}
@@ -244,7 +250,7 @@ def patch_curves(
             )
         base[direction] = label_logit_diff(records[base_cond].label_logits, labels) - ld_zs
         base_mean, base_se = _mean_se(base[direction])
-        if not abs(base_mean) > 2 * base_se:
+        if is_unstable(base_mean, base_se):
             warnings.warn(
                 f"{direction}: {base_cond.upper()}'s mean change of the label-logit difference "
                 f"({base_mean:.3g}) is within 2 standard errors ({base_se:.3g}) of 0, so the "
