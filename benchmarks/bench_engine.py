@@ -2,7 +2,10 @@
 
 (a) shared-prefix ICL capture vs the naive per-example full prompt with full logits;
 (b) capture with the analysis hooks vs the same batched forward without hooks;
-(c) peak RSS against the fp32 model size.
+(c) peak RSS against the fp32 model size;
+(d) the ICL capture with split-prefix attention (the prefix's keys read once per batch) vs the
+    model's own attention over the same cache, alternated (best of ``--repeats`` each), and how
+    far their records differ.
 
     python benchmarks/bench_engine.py [--model toy|gemma-3-270m] [--n-queries 100] [--n-demos 32]
 
@@ -19,6 +22,7 @@ import torch
 
 from icl_lens import backend as B
 from icl_lens.capture import capture
+from icl_lens.checks import rel_diff
 from icl_lens.data import load_task_data, sample_demos
 from icl_lens.tasks import build_prompt, fit_demos, get_task, label_token_ids
 
@@ -77,6 +81,7 @@ def main() -> None:
     ap.add_argument("--n-demos", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="(d): timed runs of each, alternated")
     ap.add_argument(
         "--naive-sample",
         type=int,
@@ -123,10 +128,34 @@ def main() -> None:
         f"{t_plain:.2f}s: {t_hooks / t_plain:.2f}x"
     )
     rss = peak_rss_mb()
+    split_vs_own(model, prompts, ids, args)
     print(
         f"(c) peak RSS {rss:.0f} MB (start {rss0:.0f} MB); fp32 model {model_mb:.0f} MB: "
         f"{rss / model_mb:.2f}x the model size"
     )
+
+
+def split_vs_own(model, prompts, ids, args) -> None:
+    """(d): the ICL capture with and without split-prefix attention, side by side."""
+    why = B.split_attention_unsupported(model)
+    if why is not None:
+        print(f"(d) split-prefix attention does not run on this model: {why}")
+        return
+    times: dict[bool, list[float]] = {True: [], False: []}
+    recs = {}
+    for _ in range(args.repeats):
+        for split in (True, False):
+            t, recs[split] = timed(capture, model, prompts, ids, batch_size=args.batch_size,
+                                   split_attention=split, progress=False)  # fmt: skip
+            times[split].append(t)
+    used = recs[True].checks["prefix_cache"].get("attention")
+    fields = ("label_logits", "attn_out", "q", "query_scores", "demo_scores")
+    diffs = {f: rel_diff(getattr(recs[True], f), getattr(recs[False], f)) for f in fields}
+    split, own = min(times[True]), min(times[False])
+    print(f"(d) ICL capture, split-prefix attention {split:.2f}s vs the model's own attention "
+          f"over the cache {own:.2f}s (best of {args.repeats}): {own / split:.2f}x faster; "
+          f"attention used: {used}; records' max relative difference: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def capture(
     *,
     batch_size: int = 8,
     shared_prefix: bool | None = None,
+    split_attention: bool = True,
     detail_limit: int | None = None,
     self_check: bool = True,
     progress: bool = True,
@@ -167,7 +168,12 @@ def capture(
     """Run ``prompts`` (from ``tasks.build_prompt``) through ``model`` and keep the records.
 
     ``shared_prefix=None`` reuses the demonstration prefix's keys/values whenever all prompts
-    share it and the model supports it; ``False`` always runs full prompts.
+    share it and the model supports it; ``False`` always runs full prompts. Over that cache,
+    ``split_attention=True`` runs split-prefix attention where the model has it
+    (``backend.split_attention_unsupported``; TL 4 bridges of the Llama/Gemma family): the
+    prefix's keys are read once per batch instead of copied into every row. It is used only
+    after it matched full prompts in the self-check (``checks["prefix_cache"]["attention"]``
+    says which attention ran); ``False`` keeps the model's own attention.
     ``detail_limit=N`` keeps the large per-example fields, ``q``, ``q_post`` and
     ``demo_scores``, for the first N prompts only (Kendall reads no more); everything else,
     ``demo_mask`` included, is kept for all, so pair ``demo_scores`` with
@@ -214,6 +220,10 @@ def capture(
             raise ValueError("all prompts of one capture must share the same demonstrations")
     demo_of_token = torch.as_tensor(prompts[0].spans.demo_of_position(), dtype=torch.long)
     run = _Pass(model, d, list(label_token_ids), demo_pos)
+    if not split_attention:
+        run.split_unsupported = "split_attention=False"
+    elif not self_check and run.split_unsupported is None:
+        run.split_unsupported = "self_check=False (split-prefix attention runs only once checked)"
     n, n_demo = len(prompts), len(demo_pos)
     n_detail = n if detail_limit is None else min(n, detail_limit)
     q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
@@ -323,11 +333,50 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     checks["scores"] = _check_scores(probe, sample, tol, arch)
     checks["windows"] = _check_windows(probe, sample, run.d.windows, arch)
 
-    # 3. the shared-prefix fast path against the plain pass
+    # 3. the shared-prefix fast path against the plain pass: with split-prefix attention
+    # first where the model has it, then with the model's own attention over the cache
     if not prefix_len:
         return 0
-    report: dict = {"used": False, "checked_prompts": k, "prefix_tokens": prefix_len}
+    noise: dict = {}  # the plain path's rounding sensitivity, measured once when needed
+    why = run.split_unsupported
+    if why is None:
+        run.split = True
+        ok, split_report = _check_prefix(run, sample, q_len, prefix_len, plain, tol, noise)
+        run.split = ok
+        checks["prefix_cache"] = split_report
+        if ok:
+            split_report["attention"] = "split"
+            return prefix_len
+        why = _prefix_problem(split_report, tol, "split-prefix attention")
+        _warn(f"{arch}: {why}; using the model's own attention over the shared-prefix cache "
+              "instead")  # fmt: skip
+    ok, report = _check_prefix(run, sample, q_len, prefix_len, plain, tol, noise)
+    report["attention"] = "model"
+    report["split_attention"] = {"used": False, "reason": why}
     checks["prefix_cache"] = report
+    if not ok:
+        _warn(f"{arch}: {_prefix_problem(report, tol, 'the shared-prefix KV cache')}; running "
+              "full prompts instead")  # fmt: skip
+        return 0
+    return prefix_len
+
+
+def _prefix_problem(report: dict, tol: float, path: str) -> str:
+    """What went wrong in a failed shared-prefix check, as one clause."""
+    if report.get("failed"):
+        return f"{path} failed ({report['reason']})"
+    return (f"shared-prefix records disagree with full prompts ({report['reason']}; tolerance "
+            f"{tol:g}, transformers {B.tl_version_info()['transformers']}, {path})")  # fmt: skip
+
+
+def _check_prefix(run: _Pass, sample: list, q_len: int, prefix_len: int, plain: dict,
+                  tol: float, noise: dict) -> tuple[bool, dict]:  # fmt: skip
+    """The shared-prefix path as ``run`` is set up (``run.split``) against the plain pass
+    ``plain`` on ``sample``: (whether it may be used, the report for ``Records.checks``)."""
+    k = len(sample)
+    idx = torch.arange(k)
+    n_demo = len(run.demo_pos)
+    report: dict = {"used": False, "checked_prompts": k, "prefix_tokens": prefix_len}
     try:
         prefix = torch.tensor(sample[0].tokens[:prefix_len], device=B.input_device(run.model))
         cache = B.prefix_cache(run.model, prefix)
@@ -336,9 +385,8 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
         run(sample, idx, fast, k, prefix_len, cache)
     except Exception as e:  # noqa: BLE001 - any failure of the fast path means: do not use it
         report["reason"] = f"{type(e).__name__}: {e}"
-        _warn(f"{arch}: the shared-prefix KV cache failed ({report['reason']}); running full "
-              "prompts instead")  # fmt: skip
-        return 0
+        report["failed"] = True
+        return False, report
     finally:
         run.checking_prefix = False
     diffs = {name: rel_diff(fast[key], plain[key]) for name, key in _COMPARED.items()
@@ -350,9 +398,10 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
         # Above the dtype's tolerance: is that more than the plain path's own rounding? A model
         # that amplifies rounding (an untrained one, a long windowed prompt) is held to what
         # its own plain path does under a rounding-sized change of its input.
-        noise = _rounding_sensitivity(run, sample, idx, q_len, n_demo, plain)
+        if not noise:
+            noise.update(_rounding_sensitivity(run, sample, idx, q_len, n_demo, plain))
         allowed = {name: max(tol, ROUNDING_FACTOR * noise.get(name, 0.0)) for name in diffs}
-        report.update(rounding_sensitivity=noise, allowed=allowed)
+        report.update(rounding_sensitivity=dict(noise), allowed=allowed)
         bad = [f"{k} off by {v:.3g} (allowed {allowed[k]:.3g})" for k, v in diffs.items()
                if not v <= allowed[k]]  # fmt: skip
         if not bad:
@@ -360,12 +409,9 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     bad += [f"{k} differ" for k, same in masks.items() if not same]
     if bad:
         report["reason"] = "; ".join(bad)
-        _warn(f"{arch}: shared-prefix records disagree with full prompts ({report['reason']}; "
-              f"tolerance {tol:g}, transformers {B.tl_version_info()['transformers']}); "
-              "running full prompts instead")  # fmt: skip
-        return 0
+        return False, report
     report["used"] = True
-    return prefix_len
+    return True, report
 
 
 #: The shared-prefix path may differ from full prompts by up to this many times the plain
@@ -499,6 +545,8 @@ class _Pass:
         self.from_model_logits = False  # set when the label-column path fails its check
         self.checking_prefix = False  # set during the self-check's shared-prefix pass
         self.perturb = None  # a hook on layer 0's input, set while measuring rounding noise
+        self.split = False  # split-prefix attention (set once its self-check passed)
+        self.split_unsupported = B.split_attention_unsupported(model)
         self.sites = recording_sites(model)
         # the other sites this model needs recorded separately (not the default's tensor)
         sites = self.sites
@@ -655,7 +703,8 @@ class _Pass:
             hooks.append((stop, final_hook))
         tokens, mask = tokens.to(B.input_device(model)), mask.to(B.input_device(model))
         if cache is not None:
-            logits = B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop)
+            logits = B.run_with_prefix(model, cache, tokens, mask, hooks, stop_at=stop,
+                                       split=self.split)  # fmt: skip
         else:
             # right padding needs no mask: under causal attention no real row sees a pad
             logits = B.run_until(model, tokens, hooks, stop_at=stop)

@@ -287,10 +287,94 @@ def cached_model(request, setup):
     return setup
 
 
-def _drop_prefix(model, cache, tokens, attention_mask, fwd_hooks, stop_at=None):
+def _drop_prefix(model, cache, tokens, attention_mask, fwd_hooks, stop_at=None, split=False):
     """A broken fast path: runs the continuations without the cached prefix, as TL 4.3 did
     on transformers 5.24 (the cache went in under a name the attention never read)."""
     return B.run_until(model, tokens, fwd_hooks, stop_at=stop_at)
+
+
+def _assert_same_records(a, b, atol=1e-5):
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+            assert torch.equal(x, y), f.name
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            torch.testing.assert_close(x, y, atol=atol, rtol=1e-4, msg=f.name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_split_attention_matches_full_prompts(arch, tmp_path):
+    """Split-prefix attention (one product of every row's new queries with the shared prefix)
+    gives the records of full prompts, on GQA (Llama 4 q / 2 kv heads) and on Gemma-3 (q/k
+    norms, sliding windows shorter than the prefix, 4 q / 1 kv heads); TL 3 and TL 4's native
+    toys keep the model's own attention and say why."""
+    from test_models import save_tiny, tiny_gemma3
+
+    from icl_lens.models import load_model
+
+    if arch == "llama":
+        save_tiny(tmp_path, "llama")
+    else:
+        tiny_gemma3(tmp_path)
+    from icl_lens.tasks import Example, TaskSpec
+
+    model = load_model(str(tmp_path), progress=False)
+    tok = model.tokenizer
+    task = TaskSpec("words", "w3 {x} w4", (" w10", " w11"))
+    rng = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"w{12 + int(i)}" for i in torch.randint(0, 48, (n,), generator=rng))
+
+    demos = [Example(f"d{i}", {"x": text(3)}, i % 2) for i in range(6)]
+    evals = [Example(f"e{i}", {"x": text(1 + i % 4)}, i % 2) for i in range(5)]
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    full = capture(model, prompts, label_ids, shared_prefix=False, progress=False)
+    rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    own = capture(model, prompts, label_ids, batch_size=2, split_attention=False, progress=False)
+    assert rec.prefix_cached and own.prefix_cached
+    report, own_report = rec.checks["prefix_cache"], own.checks["prefix_cache"]
+    if B.BACKEND == "bridge":
+        assert report["attention"] == "split", report
+        assert B.split_attention_unsupported(B.toy_model(1, 16, 2, 20, 32)) is not None
+    else:
+        assert report["attention"] == "model" and "TL 3" in report["split_attention"]["reason"]
+    assert own_report["attention"] == "model"
+    assert own_report["split_attention"]["reason"] == "split_attention=False"
+    _assert_same_records(rec, full)
+    _assert_same_records(rec, own)
+    for block in model.blocks:  # the bridges' own forward is back, the HF modules' untouched
+        assert "forward" not in vars(block.attn)
+        assert "forward" not in vars(getattr(block.attn, "original_component", block.attn))
+    if arch == "gemma3":  # the windowed layers hide early demonstrations: masks mattered
+        assert not full.demo_mask[:, 0].all() and full.demo_mask[:, 2].all()
+
+
+def test_broken_split_attention_falls_back_to_the_models_own(tiny_gemma, monkeypatch):
+    """Split-prefix attention that loses the prefix's values is caught by the self-check; the
+    capture then runs the model's own attention over the cache, with a warning."""
+    from icl_lens.backend import tl4_split
+    from icl_lens.capture import FastPathWarning
+
+    model, tok = tiny_gemma
+    task = toy_task(2)
+    demos, evals = toy_episode(seed=1, n_demos=6, n_eval=5, tokenizer=tok)
+    prompts = [build_prompt(task, tok, q, demos) for q in evals]
+    label_ids = label_token_ids(task, tok)
+    own = capture(model, prompts, label_ids, batch_size=2, split_attention=False, progress=False)
+    real = tl4_split._forward
+
+    def broken(attn, keys, values):
+        return real(attn, keys, torch.zeros_like(values))
+
+    monkeypatch.setattr(tl4_split, "_forward", broken)
+    with pytest.warns(FastPathWarning, match="disagree.*split-prefix attention.*model's own"):
+        rec = capture(model, prompts, label_ids, batch_size=2, progress=False)
+    report = rec.checks["prefix_cache"]
+    assert rec.prefix_cached and report["used"] and report["attention"] == "model"
+    assert "attn_out off by" in report["split_attention"]["reason"]
+    _assert_same_records(rec, own, atol=0)
 
 
 def test_broken_prefix_cache_is_caught_and_falls_back(cached_model, monkeypatch):

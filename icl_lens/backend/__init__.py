@@ -60,6 +60,7 @@ from icl_lens.backend.common import (  # noqa: F401
     run_until,
     run_with_prefix,
     save_converted,
+    split_attention_unsupported,
     stop_after,
     supports_converted_cache,
     supports_prefix_cache,

@@ -132,8 +132,13 @@ class Adapter(ABC):
         full_mask: Tensor,
         fwd_hooks: Sequence[tuple[str, object]],
         stop_at: str | None,
+        split: bool = False,
     ) -> Tensor | None:
         """See ``common.run_with_prefix``; ``full_mask`` covers prefix + new positions."""
+
+    @abstractmethod
+    def split_attention_unsupported(self, model: nn.Module) -> str | None:
+        """See ``common.split_attention_unsupported``."""
 
     # ---- checkpoints
 

@@ -502,19 +502,32 @@ def run_with_prefix(
     attention_mask: Tensor,
     fwd_hooks: Sequence[tuple[str, object]],
     stop_at: str | None = None,
+    split: bool = False,
 ) -> Tensor | None:
     """Run right-padded continuations ``tokens`` [batch, pos] after the cached prefix.
 
     Hooks see only the new positions; attention-score rows span prefix + new keys.
     Returns the new positions' logits when the pass runs to the end, else None.
+    ``split=True`` runs split-prefix attention (``split_attention_unsupported``): the same
+    hooks and tensors, the prefix's keys read once for the whole batch.
     """
     batch = tokens.shape[0]
     full_mask = torch.cat(
         [torch.ones(batch, cache.length, dtype=attention_mask.dtype), attention_mask], dim=1
     )
     return adapter_for(model).run_with_prefix(
-        model, cache, tokens, attention_mask, full_mask, fwd_hooks, stop_at
+        model, cache, tokens, attention_mask, full_mask, fwd_hooks, stop_at, split=split
     )
+
+
+def split_attention_unsupported(model: nn.Module) -> str | None:
+    """Why ``run_with_prefix(..., split=True)`` cannot run on ``model`` (None when it can).
+
+    Split-prefix attention (TL 4 bridges of the Llama/Gemma family) multiplies the new queries
+    of every row by the one shared prefix copy in one product, instead of copying the prefix
+    into every row (``backend.tl4_split``). Callers check it against full prompts first.
+    """
+    return adapter_for(model).split_attention_unsupported(model)
 
 
 # --------------------------------------------------------------------------- checkpoints

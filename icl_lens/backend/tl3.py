@@ -211,7 +211,11 @@ class HookedAdapter(Adapter):
         full_mask: Tensor,
         fwd_hooks: Sequence[tuple[str, object]],
         stop_at: str | None,
+        split: bool = False,
     ) -> Tensor | None:
+        if split:
+            why = self.split_attention_unsupported(model)
+            raise NotImplementedError(f"split-prefix attention: {why}")
         batch = tokens.shape[0]
         tl_cache = cache.state
         expanded = copy.copy(tl_cache)
@@ -231,6 +235,9 @@ class HookedAdapter(Adapter):
             attention_mask=attention_mask,
             past_kv_cache=expanded,
         )
+
+    def split_attention_unsupported(self, model: nn.Module) -> str | None:
+        return "TL 3's HookedTransformer runs its own attention (no split-prefix path)"
 
     # ---- checkpoints
 

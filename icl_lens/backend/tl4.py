@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import einops
 import torch
 from torch import Tensor, nn
 
+from icl_lens.backend import tl4_split
 from icl_lens.backend.adapter import Adapter
 from icl_lens.backend.common import (
     TL_MAJOR,
@@ -265,13 +266,20 @@ class BridgeAdapter(Adapter):
         full_mask: Tensor,
         fwd_hooks: Sequence[tuple[str, object]],
         stop_at: str | None,
+        split: bool = False,
     ) -> Tensor | None:
         past = _expanded_hf_cache(cache.state, tokens.shape[0])
         kwargs = {hf_cache_kwarg(_hf_model(model)): past, "use_cache": True}
-        with _cache_alias(model):
+        split_ctx = tl4_split.split_attention(model, cache.state) if split else nullcontext()
+        with _cache_alias(model), split_ctx:
             return run_until(
                 model, tokens, fwd_hooks, stop_at=stop_at, attention_mask=full_mask, **kwargs
             )
+
+    def split_attention_unsupported(self, model: nn.Module) -> str | None:
+        if _hf_model(model) is None:
+            return "not a bridge over a transformers model (no HF key-value cache)"
+        return tl4_split.unsupported(model)
 
     # ---- checkpoints
 
