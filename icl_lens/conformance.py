@@ -7,6 +7,9 @@ forward pass on the installed TransformerLens backend:
 
 - ``load``: ``models.load_model(directory)`` builds it, with the HF model's log-probs;
 - ``shared_prefix``: shared-prefix records equal full-prompt records and a naive per-prompt run;
+- ``split_attention``: where the backend has split-prefix attention
+  (``backend.split_attention_unsupported``), capture's self-check accepts it and its records
+  equal full-prompt records; ``"n/a: <reason>"`` where it does not run;
 - ``pre_softmax``: the scores of ``backend.attn_scores_hooks`` softmax to ``hook_pattern`` and
   equal what the HF model's own eager attention feeds its softmax (a shift softmax cannot see);
 - ``label_logits``: captured label-word logits equal the model's own logits (soft caps, biases);
@@ -19,8 +22,9 @@ forward pass on the installed TransformerLens backend:
 - ``kv_params``: the trained K/V tensors are the checkpoint's own (no bias it lacks), with the
   same number of trained scalars (``kv_scalars``) on both backends.
 
-Each check reads ``"pass"``, ``"fail: <reason>"`` or ``"refused: <one-line error>"`` (a clean
-refusal names the architecture). ``python -m icl_lens.conformance`` prints the table.
+Each check reads ``"pass"``, ``"fail: <reason>"``, ``"refused: <one-line error>"`` (a clean
+refusal names the architecture) or, for a check that does not apply, ``"n/a: <reason>"``.
+``python -m icl_lens.conformance`` prints the table.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import math
 import re
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +50,8 @@ ARCHITECTURES: tuple[str, ...] = (
     "gpt2", "gpt_neox", "llama", "qwen2", "opt", "gemma2", "gemma3", "mistral", "phi", "phi3",
 )  # fmt: skip
 CHECKS: tuple[str, ...] = (
-    "load", "shared_prefix", "pre_softmax", "label_logits", "windows", "ft_restore",
-    "experiment", "kv_params",
+    "load", "shared_prefix", "split_attention", "pre_softmax", "label_logits", "windows",
+    "ft_restore", "experiment", "kv_params",
 )  # fmt: skip
 WINDOW = 8  # sliding window of gemma2/gemma3/mistral: prompts are ~30-40 tokens
 N_DEMOS = 8
@@ -370,6 +375,34 @@ def _scores_and_pattern(model: nn.Module, tokens: Tensor) -> tuple[dict, dict]:
     return scores, pattern
 
 
+class _NotApplicable(Exception):
+    """The check does not apply to this architecture on this backend (the reason)."""
+
+
+def _check_split_attention(ctx: _Ctx) -> None:
+    why = B.split_attention_unsupported(ctx.model)
+    if why is not None:
+        raise _NotApplicable(why)
+    from icl_lens.capture import capture
+
+    prompts = ctx.prompts()
+    full = _capture(ctx.model, prompts, ctx.label_ids, shared_prefix=False, batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = capture(ctx.model, prompts, ctx.label_ids, batch_size=3, progress=False)
+    used = fast.checks.get("prefix_cache", {}).get("attention")
+    if used != "split":
+        said = "; ".join(str(w.message) for w in caught) or "no warning"
+        raise _Fail(f"the self-check did not accept split-prefix attention ({said})")
+    for name in ("label_logits", "attn_out", "query_scores", "demo_scores", "q"):
+        diff = _rel(getattr(fast, name), getattr(full, name))
+        if not diff <= TOL:
+            raise _Fail(f"split attention: {name} off by {diff:.2g}")
+    for name in ("query_mask", "demo_mask"):
+        if not torch.equal(getattr(fast, name), getattr(full, name)):
+            raise _Fail(f"split attention: {name} differs")
+
+
 @torch.no_grad()
 def _hf_softmax_inputs(hf_model: nn.Module, tokens: Tensor) -> list[Tensor]:
     """What the HF model's own eager attention feeds its softmax, layer by layer."""
@@ -552,6 +585,7 @@ def _check_kv_params(ctx: _Ctx) -> None:
 _RUNNERS: dict[str, Callable[[_Ctx], None]] = {
     "load": _check_load,
     "shared_prefix": _check_shared_prefix,
+    "split_attention": _check_split_attention,
     "pre_softmax": _check_pre_softmax,
     "label_logits": _check_label_logits,
     "windows": _check_windows,
@@ -566,6 +600,8 @@ def _outcome(ctx: _Ctx, check: str) -> str:
         _RUNNERS[check](ctx)
     except _Fail as e:
         return f"fail: {e}"
+    except _NotApplicable as e:
+        return f"n/a: {e}"
     except Exception as e:  # noqa: BLE001 - every error is a result here
         line = _one_line(e)
         if "\n" not in str(e).strip() and _names_arch(str(e), ctx.names):
@@ -622,7 +658,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ``python -m icl_lens.conformance [arch ...]`` (default: every architecture).
     """
     import sys
-    import warnings
 
     from icl_lens.results import to_markdown
 

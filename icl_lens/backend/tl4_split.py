@@ -116,6 +116,7 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
     head_dim = hf.head_dim
     scaling = getattr(hf, "scaling", head_dim**-0.5)
     softcap = getattr(hf, "attn_logit_softcapping", None)
+    partial = _partial_rotary(getattr(hf, "config", None))
     pk, pv = prefix_k[0], prefix_v[0]  # [kv, prefix, d_head]
     n_kv = pk.shape[0]
 
@@ -139,9 +140,15 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
         if position_embeddings is None:
             raise NotImplementedError("split-prefix attention: no position_embeddings")
         cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
-        if cos.shape[-1] != head_dim:
-            raise NotImplementedError("split-prefix attention: partial or half-width rotary")
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rotary = cos.shape[-1]
+        if rotary == head_dim:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        elif rotary < head_dim and partial < 1.0:  # Phi, GPT-NeoX style: the first dims only
+            q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary], k[..., :rotary], cos, sin)
+            q = torch.cat([q_rot, q[..., rotary:]], dim=-1)
+            k = torch.cat([k_rot, k[..., rotary:]], dim=-1)
+        else:  # a half-width cos/sin meant for a full rotation (GPT-OSS): not covered
+            raise NotImplementedError("split-prefix attention: half-width rotary")
         if hasattr(attn, "hook_rot_q"):
             q = attn.hook_rot_q(q)
         if hasattr(attn, "hook_rot_k"):
@@ -177,6 +184,15 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
         return attn.hook_out(attn.o(out)), weights
 
     return forward
+
+
+def _partial_rotary(config: Any) -> float:
+    """The HF config's share of rotated dims (transformers >= 5 keeps it in rope_parameters)."""
+    rope = getattr(config, "rope_parameters", None)
+    value = getattr(config, "partial_rotary_factor", None)
+    if value is None and isinstance(rope, dict):
+        value = rope.get("partial_rotary_factor")
+    return float(value) if value is not None else 1.0
 
 
 def _qk_norm(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
