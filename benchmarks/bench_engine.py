@@ -128,11 +128,11 @@ def main() -> None:
         f"{t_plain:.2f}s: {t_hooks / t_plain:.2f}x"
     )
     rss = peak_rss_mb()
-    split_vs_own(model, prompts, ids, args)
     print(
         f"(c) peak RSS {rss:.0f} MB (start {rss0:.0f} MB); fp32 model {model_mb:.0f} MB: "
         f"{rss / model_mb:.2f}x the model size"
     )
+    split_vs_own(model, prompts, ids, args)
 
 
 def split_vs_own(model, prompts, ids, args) -> None:

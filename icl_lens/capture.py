@@ -221,9 +221,9 @@ def capture(
     demo_of_token = torch.as_tensor(prompts[0].spans.demo_of_position(), dtype=torch.long)
     run = _Pass(model, d, list(label_token_ids), demo_pos)
     if not split_attention:
-        run.split_unsupported = "split_attention=False"
-    elif not self_check and run.split_unsupported is None:
-        run.split_unsupported = "self_check=False (split-prefix attention runs only once checked)"
+        run.split_off = "split_attention=False"
+    elif not self_check:
+        run.split_off = "self_check=False (split-prefix attention runs only once checked)"
     n, n_demo = len(prompts), len(demo_pos)
     n_detail = n if detail_limit is None else min(n, detail_limit)
     q_len = max(p.spans.record_pos + 1 - p.spans.query[0] for p in prompts)
@@ -236,7 +236,10 @@ def capture(
         prefix_len = _self_check(run, sample, q_len, prefix_len, checks)
     else:
         checks["skipped"] = "self_check=False"
-    checks["prefix_cache"] = checks.get("prefix_cache") or {"used": bool(prefix_len)}
+    checks["prefix_cache"] = checks.get("prefix_cache") or {
+        "used": bool(prefix_len), "attention": "model",
+        "split_attention": {"used": False, "reason": run.split_reason() or "self_check=False"},
+    }  # fmt: skip
 
     cache = None
     if prefix_len:
@@ -338,21 +341,27 @@ def _self_check(run: _Pass, sample: list, q_len: int, prefix_len: int, checks: d
     if not prefix_len:
         return 0
     noise: dict = {}  # the plain path's rounding sensitivity, measured once when needed
-    why = run.split_unsupported
+    why = run.split_reason()
+    split_check = None
     if why is None:
         run.split = True
-        ok, split_report = _check_prefix(run, sample, q_len, prefix_len, plain, tol, noise)
-        run.split = ok
-        checks["prefix_cache"] = split_report
+        try:
+            ok, split_check = _check_prefix(run, sample, q_len, prefix_len, plain, tol, noise)
+        finally:
+            run.split = False
         if ok:
-            split_report["attention"] = "split"
+            run.split = True
+            split_check.update(attention="split", split_attention={"used": True})
+            checks["prefix_cache"] = split_check
             return prefix_len
-        why = _prefix_problem(split_report, tol, "split-prefix attention")
+        why = _prefix_problem(split_check, tol, "split-prefix attention")
         _warn(f"{arch}: {why}; using the model's own attention over the shared-prefix cache "
               "instead")  # fmt: skip
     ok, report = _check_prefix(run, sample, q_len, prefix_len, plain, tol, noise)
     report["attention"] = "model"
     report["split_attention"] = {"used": False, "reason": why}
+    if split_check is not None:  # what the failed check of split-prefix attention measured
+        report["split_attention"]["check"] = split_check
     checks["prefix_cache"] = report
     if not ok:
         _warn(f"{arch}: {_prefix_problem(report, tol, 'the shared-prefix KV cache')}; running "
@@ -546,12 +555,21 @@ class _Pass:
         self.checking_prefix = False  # set during the self-check's shared-prefix pass
         self.perturb = None  # a hook on layer 0's input, set while measuring rounding noise
         self.split = False  # split-prefix attention (set once its self-check passed)
-        self.split_unsupported = B.split_attention_unsupported(model)
+        self.split_off: str | None = None  # why the caller turned it off
         self.sites = recording_sites(model)
         # the other sites this model needs recorded separately (not the default's tensor)
         sites = self.sites
         self.extra = [s for s in _OTHER_SITES
                       if not (sites[s]["same_as"] or sites[s]["unavailable"])]  # fmt: skip
+
+    def split_reason(self) -> str | None:
+        """Why split-prefix attention may not run here (None when it may: still unchecked)."""
+        if self.split_off is not None:
+            return self.split_off
+        try:
+            return B.split_attention_unsupported(self.model)
+        except Exception as e:  # noqa: BLE001 - a model the probe cannot read: no split path
+            return f"{type(e).__name__}: {e}"
 
     def other_site(self, out: dict[str, Tensor], site: str) -> Tensor | None:
         """Site ``site``'s records in ``out``: the default's own tensor where they coincide,

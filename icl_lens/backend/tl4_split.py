@@ -40,8 +40,11 @@ _CONFIG_FLAGS = ("use_split_qkv_input", "use_attn_in", "gated_q_proj", "use_attn
 
 def unsupported(model: nn.Module) -> str | None:
     """Why split-prefix attention cannot run on ``model`` (None when it can)."""
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
+    blocks = getattr(model, "blocks", None)
+    if not blocks:
+        return "the model has no blocks"
+    for layer, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
         name = type(attn).__name__
         if name != _BRIDGE:
             return f"blocks.{layer}.attn is a {name}, not a plain {_BRIDGE}"
@@ -63,6 +66,8 @@ def unsupported(model: nn.Module) -> str | None:
             "a gate projection": attn._modules.get("gate") is not None,
             "a pre-reshape qk-norm": attn._qk_norm_phase not in (None, "post_reshape"),
             "no head_dim": not isinstance(getattr(hf, "head_dim", None), int),
+            "attention dropout in training mode": attn.training
+            and float(getattr(hf, "attention_dropout", 0.0) or 0.0) > 0.0,
         }
         found = [k for k, v in extras.items() if v]
         if found:
@@ -77,22 +82,34 @@ def split_attention(model: nn.Module, prefix_state: Any) -> Iterator[None]:
     why = unsupported(model)
     if why is not None:
         raise NotImplementedError(f"split-prefix attention: {why}")
+    from transformers import cache_utils
+
+    plain = tuple(getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                  if hasattr(cache_utils, n))  # fmt: skip
     layers = prefix_state.layers
+    attns = [block.attn for block in model.blocks]
+    if len({id(a) for a in attns}) != len(attns) or any("forward" in vars(a) for a in attns):
+        raise NotImplementedError("split-prefix attention: attention modules are shared or "
+                                  "already have their own forward")  # fmt: skip
     patched = []
     try:
-        for layer, block in enumerate(model.blocks):
-            keys, values = layers[layer].keys, layers[layer].values
-            if not isinstance(keys, Tensor) or keys.shape[0] != 1:
+        for index, attn in enumerate(attns):
+            layer = getattr(attn, "_layer_idx", None)  # the cache layer the bridge would update
+            layer = layer if isinstance(layer, int) else index
+            cached = layers[layer] if layer < len(layers) else None
+            if type(cached) not in plain or not isinstance(cached.keys, Tensor):
+                raise NotImplementedError(f"split-prefix attention: cache layer {layer} is a "
+                                          f"{type(cached).__name__}")  # fmt: skip
+            if cached.keys.shape[0] != 1:
                 raise NotImplementedError(f"layer {layer}: the prefix cache is not one row")
-            attn = block.attn
             # An instance attribute, set past the bridge's __setattr__ (which would hand it to
             # the wrapped HF module) and removed below; nn.Module.__call__ then calls it.
-            object.__setattr__(attn, "forward", _forward(attn, keys, values))
+            object.__setattr__(attn, "forward", _forward(attn, cached.keys, cached.values))
             patched.append(attn)
         yield
     finally:
         for attn in patched:
-            object.__delattr__(attn, "forward")
+            vars(attn).pop("forward", None)
 
 
 def _heads_major(t: Tensor, n_kv: int) -> Tensor:
@@ -116,7 +133,7 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
     head_dim = hf.head_dim
     scaling = getattr(hf, "scaling", head_dim**-0.5)
     softcap = getattr(hf, "attn_logit_softcapping", None)
-    partial = _partial_rotary(getattr(hf, "config", None))
+    full_rotation = _rotary_pct(attn.config) == 1.0
     pk, pv = prefix_k[0], prefix_v[0]  # [kv, prefix, d_head]
     n_kv = pk.shape[0]
 
@@ -141,14 +158,15 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
             raise NotImplementedError("split-prefix attention: no position_embeddings")
         cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
         rotary = cos.shape[-1]
-        if rotary == head_dim:
+        if rotary * 2 == head_dim and full_rotation:  # half-width cos/sin (GPT-OSS)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        elif rotary < head_dim and partial < 1.0:  # Phi, GPT-NeoX style: the first dims only
+        elif rotary < head_dim:  # Phi, GPT-NeoX style: the first dims only
             q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary], k[..., :rotary], cos, sin)
             q = torch.cat([q_rot, q[..., rotary:]], dim=-1)
             k = torch.cat([k_rot, k[..., rotary:]], dim=-1)
-        else:  # a half-width cos/sin meant for a full rotation (GPT-OSS): not covered
-            raise NotImplementedError("split-prefix attention: half-width rotary")
+        else:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if hasattr(attn, "hook_rot_q"):
             q = attn.hook_rot_q(q)
         if hasattr(attn, "hook_rot_k"):
@@ -176,7 +194,10 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
         n_pre = pk.shape[1]
         out_pre = torch.matmul(_heads_major(weights[..., :n_pre], n_kv), pv)
         v_rep = v.repeat_interleave(n_heads // n_kv, dim=1)
-        out = _batch_major(out_pre, batch, n_heads) + torch.matmul(weights[..., n_pre:], v_rep)
+        out_new = torch.matmul(weights[..., n_pre:], v_rep)
+        # the two halves summed at fp32 at least (the bridge's one product rounds once)
+        wide = torch.promote_types(out_new.dtype, torch.float32)
+        out = (_batch_major(out_pre, batch, n_heads).to(wide) + out_new.to(wide)).to(q.dtype)
         out = out.transpose(1, 2).reshape(batch, n_new, -1)
         o_weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
         if isinstance(o_weight, Tensor) and o_weight.dtype.is_floating_point:
@@ -186,10 +207,18 @@ def _forward(attn: nn.Module, prefix_k: Tensor, prefix_v: Tensor):
     return forward
 
 
-def _partial_rotary(config: Any) -> float:
-    """The HF config's share of rotated dims (transformers >= 5 keeps it in rope_parameters)."""
+def _rotary_pct(config: Any) -> float:
+    """The share of rotated dims, read as the bridge reads it (its own helper where it has
+    one: the bridge's forward takes a half-width cos/sin for a full rotation only when that
+    says 1.0)."""
+    try:
+        from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+    except ImportError:
+        get_rotary_pct_from_config = None
+    if get_rotary_pct_from_config is not None:
+        return float(get_rotary_pct_from_config(config))
     rope = getattr(config, "rope_parameters", None)
-    value = getattr(config, "partial_rotary_factor", None)
+    value = getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
     if value is None and isinstance(rope, dict):
         value = rope.get("partial_rotary_factor")
     return float(value) if value is not None else 1.0
