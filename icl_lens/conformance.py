@@ -336,13 +336,7 @@ def _check_shared_prefix(ctx: _Ctx) -> None:
     fast = _capture(ctx.model, prompts, ctx.label_ids, shared_prefix=True, batch_size=3)
     if not fast.prefix_cached:
         raise _Fail("shared_prefix=True did not use the prefix cache")
-    for name in ("label_logits", "attn_out", "query_scores", "demo_scores"):
-        diff = _rel(getattr(fast, name), getattr(full, name))
-        if not diff <= TOL:
-            raise _Fail(f"shared prefix: {name} off by {diff:.2g}")
-    for name in ("query_mask", "demo_mask"):
-        if not torch.equal(getattr(fast, name), getattr(full, name)):
-            raise _Fail(f"shared prefix: {name} differs")
+    _same_records(fast, full, "shared prefix")
     demo = prompts[0].spans.demo_token_positions()
     for i, p in enumerate(prompts):
         ref = _naive(ctx.model, p, ctx.label_ids)
@@ -394,13 +388,18 @@ def _check_split_attention(ctx: _Ctx) -> None:
     if used != "split":
         said = "; ".join(str(w.message) for w in caught) or "no warning"
         raise _Fail(f"the self-check did not accept split-prefix attention ({said})")
-    for name in ("label_logits", "attn_out", "query_scores", "demo_scores", "q"):
+    _same_records(fast, full, "split attention", extra=("q",))
+
+
+def _same_records(fast, full, path: str, extra: tuple[str, ...] = ()) -> None:
+    """``fast``'s records equal ``full``'s (values within TOL, visible-key masks exactly)."""
+    for name in ("label_logits", "attn_out", "query_scores", "demo_scores", *extra):
         diff = _rel(getattr(fast, name), getattr(full, name))
         if not diff <= TOL:
-            raise _Fail(f"split attention: {name} off by {diff:.2g}")
+            raise _Fail(f"{path}: {name} off by {diff:.2g}")
     for name in ("query_mask", "demo_mask"):
         if not torch.equal(getattr(fast, name), getattr(full, name)):
-            raise _Fail(f"split attention: {name} differs")
+            raise _Fail(f"{path}: {name} differs")
 
 
 @torch.no_grad()
