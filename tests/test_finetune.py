@@ -120,6 +120,44 @@ def test_layer_causal_differs_and_records_queries(setup):
     assert std.train_token_demo[-1] == len(demos) - 1
 
 
+@pytest.mark.parametrize("grid", [False, True])
+def test_layer_causal_ft_at_a_sane_rate_needs_no_untouched_pass(setup, monkeypatch, grid):
+    """Layer-causal FT's loss sums every layer's LM loss, which a uniform guess's does not
+    bound: a sane run pays for the untouched model's pass only at a step above twice the
+    first step's loss, while one whose loss explodes still stops (confirmed by that pass)."""
+    import math
+
+    from icl_lens import finetune as F
+
+    model, tok, task, demos = setup
+    assert F._chance_loss(model, "layer_causal") == math.inf
+    assert F._chance_loss(model, "standard") == math.log(B.dims(model).d_vocab)
+    calls = []
+    real = F._untouched_loss
+    monkeypatch.setattr(F, "_untouched_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if grid:
+        with finetuned_grid(model, demos, [0.01, 0.1], task=task, tokenizer=tok,
+                            mode="layer_causal") as g:  # fmt: skip
+            assert not g.diverged
+            runs = []
+            for lr in (0.01, 0.1):
+                with g.applied(lr) as state:
+                    runs.append(list(state.losses))
+    else:
+        with finetuned(model, demos, lr=0.1, task=task, tokenizer=tok, mode="layer_causal") as lc:
+            runs = [lc.losses]
+    # every step's summed loss is above one guess's: the old test tripped at every step ...
+    assert all(v > F._chance_loss(model, "standard") + 1 for run in runs for v in run)
+    # ... now only a step above twice the first step's loss asks for the untouched pass
+    spread = {i for run in runs for i, v in enumerate(run) if F._above(v, run[0], 2.0)}
+    assert len(calls) == len(spread) < len(demos)
+    # an explosion is still caught: above twice the first step and 1.5x the untouched model
+    chance = F._chance_loss(model, "layer_causal")
+    err = F._check_loss(300.0, 3, 1e9, [100.0], lambda: 110.0, chance)
+    assert err is not None and "exploded to 300" in str(err)
+    assert F._check_loss(150.0, 3, 1e-3, [100.0], lambda: 110.0, chance) is None
+
+
 def test_layer_causal_last_layer_gets_only_its_own_loss(setup):
     """In layer-causal mode, layer 0's K/V get no gradient from layer 1's loss."""
     model, tok, task, demos = setup
