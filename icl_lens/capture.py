@@ -238,7 +238,7 @@ def capture(
         checks["skipped"] = "self_check=False"
     checks["prefix_cache"] = checks.get("prefix_cache") or {
         "used": bool(prefix_len), "attention": "model",
-        "split_attention": {"used": False, "reason": run.split_reason() or "self_check=False"},
+        "split_attention": {"used": False, "reason": run.split_off or "no shared prefix"},
     }  # fmt: skip
 
     cache = None

@@ -343,6 +343,7 @@ def test_split_attention_matches_full_prompts(arch, tmp_path):
         assert report["attention"] == "model" and "TL 3" in report["split_attention"]["reason"]
     assert own_report["attention"] == "model"
     assert own_report["split_attention"]["reason"] == "split_attention=False"
+    assert full.checks["prefix_cache"]["split_attention"]["reason"] == "no shared prefix"
     _assert_same_records(rec, full)
     _assert_same_records(rec, own)
     for block in model.blocks:  # the bridges' own forward is back, the HF modules' untouched
