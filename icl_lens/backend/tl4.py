@@ -582,12 +582,8 @@ def _expanded_hf_cache(state: object, batch: int) -> object:
     layer's update concatenates new keys onto them into fresh tensors, so the shared cache
     is never written. Unknown cache layouts fall back to a deep copy repeated per row.
     """
-    from transformers import cache_utils
 
-    plain = tuple(
-        getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer")
-        if hasattr(cache_utils, n)
-    )  # fmt: skip
+    plain = tl4_split.plain_cache_layers()
     layers = getattr(state, "layers", None)
     # only layers whose update is a pure concatenation (others keep per-row or in-place state)
     if layers is None or not all(type(ly) in plain for ly in layers):

@@ -82,10 +82,7 @@ def split_attention(model: nn.Module, prefix_state: Any) -> Iterator[None]:
     why = unsupported(model)
     if why is not None:
         raise NotImplementedError(f"split-prefix attention: {why}")
-    from transformers import cache_utils
-
-    plain = tuple(getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer")
-                  if hasattr(cache_utils, n))  # fmt: skip
+    plain = plain_cache_layers()
     layers = prefix_state.layers
     attns = [block.attn for block in model.blocks]
     if len({id(a) for a in attns}) != len(attns) or any("forward" in vars(a) for a in attns):
@@ -110,6 +107,15 @@ def split_attention(model: nn.Module, prefix_state: Any) -> Iterator[None]:
     finally:
         for attn in patched:
             vars(attn).pop("forward", None)
+
+
+def plain_cache_layers() -> tuple[type, ...]:
+    """transformers' cache layer classes whose update is a pure concatenation (no per-row or
+    in-place state): the only ones a shared prefix is read from or broadcast over."""
+    from transformers import cache_utils
+
+    names = ("DynamicLayer", "DynamicSlidingWindowLayer")
+    return tuple(getattr(cache_utils, n) for n in names if hasattr(cache_utils, n))
 
 
 def _heads_major(t: Tensor, n_kv: int) -> Tensor:
