@@ -20,7 +20,9 @@ baseline) through ``run_experiment`` and prints, measured side by side in this o
   the ICL captures, whose every query attends over the whole demonstration prefix, is most of
   what the first two leave out. (Counts assume the ICL prefix is cached, as it is for
   every model ``backend.supports_prefix_cache`` accepts.)
-* peak RSS / fp32 model size (all of the process: loading included).
+* peak RSS / model size, of the protocol alone (Linux: the peak is reset after the model has
+  loaded, through ``/proc/self/clear_refs``), and the loading's own peak beside it; elsewhere
+  the process's peak so far.
 * the matmul floor: the same FLOPs, each at the rate this machine reaches on its own matmul
   shapes and row counts (measured after the run), i.e. what no implementation with these
   kernels can beat; ``floor / bound`` is the machine's share of the ratio, ``wall / floor``
@@ -350,11 +352,37 @@ class StageTimer:
         F.finetuned = timed_finetuned  # a grid that trains each rate when applied calls this
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux's VmHWM); False where the OS has no such reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The peak RSS since the last reset (VmHWM), or of the whole process (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(args, dtype_name: str, data) -> dict:
     """One (task, seed) with the model loaded in ``dtype_name``: prints the report, returns
     what the cross-dtype table needs."""
     dtype = getattr(torch, dtype_name)
+    gc.collect()
+    windowed = reset_peak_rss()
     model = load_model(args.model, dtype=dtype, device=args.device, progress=False)
+    load_peak_mb = peak_rss_mb()
+    windowed = windowed and reset_peak_rss()
     d = B.dims(model)
     counts = param_counts(model)
     vocab = d.d_vocab
@@ -373,7 +401,7 @@ def measure(args, dtype_name: str, data) -> dict:
     best = max(tput + timer.readings)
     bound = need["flops"] / (best * 1e9)
     bound_v = (need["flops"] + vocab_flops) / (best * 1e9)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     model_mb = counts["total"] * dtype.itemsize / 2**20
     print(f"=== dtype {dtype_name} ===")
     print(
@@ -406,8 +434,13 @@ def measure(args, dtype_name: str, data) -> dict:
                   else "not in the bound")  # fmt: skip
         print(f"      {key:<22} {seconds:7.1f}s vs {b:6.1f}s; {bv:6.1f}s; {ba:6.1f}s  ({ratios})")
     print(f"      {'everything else':<22} {wall - sum(timer.seconds.values()):7.1f}s")
-    print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far); {dtype_name} model "
-          f"{model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip
+    if windowed:
+        print(f"(b) peak RSS during the run {rss_mb:.0f} MB (model loaded; loading itself peaked "
+              f"at {load_peak_mb:.0f} MB); {dtype_name} model {model_mb:.0f} MB: "
+              f"{rss_mb / model_mb:.2f}x")  # fmt: skip
+    else:
+        print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far, loading included); "
+              f"{dtype_name} model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip
     cfg = res.runs[0].provenance["config"]
     floor = matmul_floor(model, need, cfg, timer.grid_rows)
     total = sum(floor.values())
