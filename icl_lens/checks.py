@@ -24,6 +24,29 @@ class FastPathWarning(UserWarning):
     """A fast path failed its run-time check; the plain path ran instead."""
 
 
+class PrecisionWarning(UserWarning):
+    """A half-precision run: some metrics are known to move beyond their CIs against fp32."""
+
+
+def precision_caveat(dtype: torch.dtype) -> str | None:
+    """What is known to differ from fp32 when the model computes in ``dtype`` (None for fp32
+    and fp64). Measured side by side by ``benchmarks/bench_flops.py --dtypes float32 bfloat16``
+    (Gemma-3-270m, SST-2 seed 0, 500 examples): accuracies, Rec2FTP, SimAM before/after and
+    Kendall agreed within their CIs, but SimAOU did not (0.231 in bf16 vs 0.165 in fp32, CI
+    half-width 0.003), nor did its shuffled-label and untrained baselines, nor SimAM_delta.
+    SimAOU compares two small updates of the same zero-shot activations, so the dtype's rounding
+    of those activations may weigh on it (not yet shown)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"{name}: SimAOU, its baselines and SimAM_delta can move far beyond their CIs against "
+        "float32 (on Gemma-3-270m SST-2 seed 0, bf16 SimAOU was 0.231 vs fp32 0.165, CI "
+        "half-width 0.003, while accuracies, SimAM before/after and Kendall agreed); cross-check "
+        "them with a float32 run before reading them"
+    )
+
+
 #: Relative tolerance per model dtype: a fast path and the plain path compute the same thing
 #: in another order, so they agree to a few units of that dtype's rounding.
 TOLERANCE: dict[torch.dtype, float] = {

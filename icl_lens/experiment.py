@@ -55,7 +55,7 @@ from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
-from icl_lens.checks import model_dtype
+from icl_lens.checks import PrecisionWarning, model_dtype, precision_caveat
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.progress import tqdm
@@ -216,6 +216,9 @@ def run_experiment(
     cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds),
                            dtype=dtype_name(model_dtype(model)),
                            device=B.input_device(model).type, **config)  # fmt: skip
+    caveat = precision_caveat(model_dtype(model))
+    if caveat is not None:
+        warnings.warn(caveat, PrecisionWarning, stacklevel=2)
     n_layers = B.dims(model).n_layers
     if cfg.layers is not None and max(cfg.layers) >= n_layers:
         raise ValueError(
@@ -1055,6 +1058,8 @@ def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[s
         "device": str(B.input_device(model)),
         "config": asdict(cfg),
         "config_key": cfg.key(),
+        # half precision only: what is known to differ from fp32 (checks.precision_caveat)
+        **({"precision_caveat": c} if (c := precision_caveat(getattr(torch, cfg.dtype))) else {}),
     }
 
 

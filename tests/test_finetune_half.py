@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from icl_lens import backend as B
-from icl_lens.checks import FastPathWarning, rel_l2, round_to_halves, tolerance
+from icl_lens.checks import (
+    FastPathWarning,
+    PrecisionWarning,
+    precision_caveat,
+    rel_l2,
+    round_to_halves,
+    tolerance,
+)
 from icl_lens.finetune import finetuned, finetuned_grid, first_step_updates
 
 ARCHS = ("llama", "gpt2", "gemma3")
@@ -268,11 +275,16 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
               n_boot=50, batch_size=4, progress=False)  # fmt: skip
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("error", FastPathWarning)  # no fast path falls back in bf16
+        warnings.simplefilter("always", PrecisionWarning)
         res = E.run_experiment(str(path), data.task, 4, 6, dtype="bfloat16", **kw)
+    # the known bf16 caveat (SimAOU vs fp32) is said once, and kept in the provenance
+    said = [str(w.message) for w in seen if issubclass(w.category, PrecisionWarning)]
+    assert len(said) == 1 and "SimAOU" in said[0] and "float32" in said[0]
     run = res.runs[0]
     prov = run.provenance
+    assert prov["precision_caveat"] == said[0]
     assert prov["dtype"] == "bfloat16" and prov["device"] == "cpu"
     assert prov["config"]["dtype"] == "bfloat16"
     assert prov["config_key"] != E.ExperimentConfig(n_demos=4, n_eval=6, seeds=(0,),
@@ -322,3 +334,11 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
     with pytest.raises(ValueError, match="dtype"):
         E.ExperimentConfig(dtype="int8")
     assert E.dtype_name(torch.bfloat16) == E.dtype_name("bf16") == "bfloat16"
+
+
+def test_the_precision_caveat_is_for_half_precision_only():
+    for dtype in (torch.bfloat16, torch.float16):
+        caveat = precision_caveat(dtype)
+        name = str(dtype).removeprefix("torch.")
+        assert caveat and caveat.startswith(name) and "\n" not in caveat
+    assert precision_caveat(torch.float32) is None and precision_caveat(torch.float64) is None
