@@ -349,9 +349,14 @@ def dual_analysis(
     kv0 = [p.detach().clone() for p in kv]
     with finetuned(model, demos, lr, **ft_kw) as state:
         ft = [dual_form(model, p, **kw) for p in tqdm(prompts_zs, desc="dual FT", **bar)]
-        # how much of FT's update (its fp32 deltas) the model's own weights lose to rounding
-        # (half precision keeps round(W + delta)): the FT side below is read from the model
-        rounding = rel_l2([p.detach() - w for p, w in zip(kv, kv0, strict=True)], state.deltas)
+        # how much of FT's update (its fp32 deltas) the FT model loses to rounding: none where
+        # the update enters as x·deltaᵀ (half precision, finetune._update_applied), else what
+        # the weights lose (round(W + delta)); the FT side below is read from the model
+        if state.fast_paths.get("update_applied", {}).get("how") == "kv_deltas":
+            rounding = 0.0
+        else:
+            rounding = rel_l2([p.detach() - w for p, w in zip(kv, kv0, strict=True)],
+                              state.deltas)  # fmt: skip
     del kv0
     sh = None
     if shuffled and demos and len({getattr(d, "label", None) for d in demos}) > 1:
@@ -423,7 +428,8 @@ def dual_analysis(
         "dw_ft": "W_ZSL[FT model, ZS prompt] - W_ZSL[base, ZS prompt]",
         "ft_weight_rounding": rounding,
         "ft_weight_rounding_means": "||(weights after FT - before) - FT's fp32 K/V deltas|| / "
-        "||deltas||: the share of the update the model's dtype rounds away (0 in fp32)",
+        "||deltas||: the share of the update the model's dtype rounds away (0 in fp32, and 0 "
+        "where the update enters the K/V activations exactly: finetune's update_applied)",
         "metrics": {k: METRICS[k][1] for k in t},
         "kinds": {k: METRICS[k][0] for k in t},
     }

@@ -8,11 +8,13 @@ of "formatted input + label word". Only the parameters from ``backend.kv_paramet
 residual output goes through the final norm and unembedding to its own LM loss; the per-layer
 losses are summed, so each layer's K/V learn only from their own loss.
 
-Half precision (bf16/fp16 models) keeps the science: SGD steps fp32 master deltas, and the
-model's weights hold ``round(W_orig + delta)`` (``_MasterDeltas``; side by side the deltas are
-fp32 rows), so no update is rounded away; losses are computed in fp32; every run-time check's
-tolerance comes from the model's dtype (``checks.tolerance``). ``FTState.deltas`` are the
-updates themselves (fp32), for analyses that need more than the rounded weights.
+Half precision (bf16/fp16 models) keeps the science: SGD steps fp32 master deltas (the
+training forward uses ``round(W_orig + delta)``; ``_MasterDeltas``; side by side the deltas are
+fp32 rows), so no step is rounded away; inside the block the model runs its original weights
+plus the exact update as ``x·deltaᵀ`` on the K/V projections (``_update_applied``), since
+``round(W + delta)`` would drop most of it; losses are computed in fp32; every run-time
+check's tolerance comes from the model's dtype (``checks.tolerance``). ``FTState.deltas`` are
+the updates themselves (fp32).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from icl_lens import backend as B
 from icl_lens.capture import recording_sites
-from icl_lens.checks import master_dtype, model_dtype, tolerance, warn
+from icl_lens.checks import PrecisionWarning, master_dtype, model_dtype, tolerance, warn
 from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
 
@@ -433,7 +435,55 @@ def finetuned(
     with _restoring(model, trained) as originals:
         with _training(model):
             _train(model, sequences, trained, state, record_queries, progress, originals)
-        yield state
+        with _update_applied(model, named, originals, state.deltas, state.fast_paths):
+            yield state
+
+
+@contextmanager
+def _update_applied(model: nn.Module, named, originals: Sequence[Tensor], deltas,
+                    fast_paths: dict) -> Iterator[None]:  # fmt: skip
+    """Run the block with the trained update, given that the weights hold ``W + ΔW`` now.
+
+    In fp32 those weights are the update. In half precision they are ``round(W + ΔW)``, which
+    drops every entry of ΔW below half an ulp of W (bf16: 2⁻⁹ |W|) and rounds the rest to
+    whole ulps: on Gemma-3-270m at lr 1e-4 that shrinks the FT update of the attention output
+    by a quarter (``analyses/precision_simaou.py``). So for a half-precision model the weights
+    go back to W and the exact ΔW enters as ``x·ΔWᵀ + Δb`` added to the K/V projections'
+    outputs (``backend.kv_deltas``, one delta for every row), where the update is far above
+    the activations' rounding. Where the model's layout cannot take those hooks, or the
+    trained tensors are not its K/V, the rounded weights stay, with a ``PrecisionWarning``.
+    ``fast_paths["update_applied"]`` says which ran and why.
+    """
+    trained = [p for _, p in named]
+    if deltas is None or not any(master_dtype(p.dtype) != p.dtype for p in trained):
+        fast_paths["update_applied"] = {"how": "weights", "reason": "full-precision weights"}
+        yield
+        return
+    kv = B.named_kv_parameters(model)
+    reason = None
+    if [id(p) for _, p in kv] != [id(p) for p in trained]:
+        reason = "the trained tensors are not exactly the model's K/V projections"
+    with ExitStack() as stack:
+        if reason is None:
+            try:
+                stack.enter_context(B.kv_deltas(model, [d.detach()[None] for d in deltas]))
+            except NotImplementedError as e:
+                reason = f"{type(e).__name__}: {e}"
+        if reason is None:
+            with torch.no_grad():
+                for p, orig in zip(trained, originals, strict=True):
+                    p.copy_(orig)
+            fast_paths["update_applied"] = {
+                "how": "kv_deltas",
+                "reason": "half-precision weights would round the update (round(W + ΔW))",
+            }
+        else:
+            fast_paths["update_applied"] = {"how": "weights (rounded)", "reason": reason}
+            warnings.warn(
+                f"the FT update is applied as round(W + ΔW) in {trained[0].dtype}, which loses "
+                f"its entries below half an ulp of W ({reason}); compare with a float32 run",
+                PrecisionWarning, stacklevel=4)  # fmt: skip
+        yield
 
 
 def first_step_updates(model: nn.Module, demos: Sequence, lr: float, **kwargs: Any) -> list[Tensor]:
@@ -682,7 +732,10 @@ class FTGrid:
                 for (_, p), orig, delta in zip(self._named, self._originals, self._deltas[lr],
                                                strict=True):  # fmt: skip
                     p.copy_(orig + delta)
-            yield self.states[lr]
+            state = self.states[lr]
+            with _update_applied(self.model, self._named, self._originals, self._deltas[lr],
+                                 state.fast_paths):  # fmt: skip
+                yield state
         finally:
             with torch.no_grad():
                 for (_, p), orig in zip(self._named, self._originals, strict=True):

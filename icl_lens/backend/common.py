@@ -263,7 +263,10 @@ def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, eq: str) -> Tensor:
     if x.shape[0] % rows:
         raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {rows} delta rows")
     per = x.shape[0] // rows
-    if per > 1:  # (no copies in the usual one-sequence-per-row case: autograd keeps them)
+    if per > 1 and rows == 1:  # one delta for the whole batch: a view, no copies
+        w = None if w is None else w.expand(x.shape[0], *w.shape[1:])
+        b = None if b is None else b.expand(x.shape[0], *b.shape[1:])
+    elif per > 1:  # (no copies in the usual one-sequence-per-row case: autograd keeps them)
         w = None if w is None else w.repeat_interleave(per, 0)
         b = None if b is None else b.repeat_interleave(per, 0)
     out = 0 if w is None else torch.einsum(eq, x, w.to(x.dtype))

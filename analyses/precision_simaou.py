@@ -1,0 +1,201 @@
+"""Why does SimAOU move in bf16? Take bf16's roundings apart, one at a time, in float32.
+
+SimAOU compares two updates of the same zero-shot activations, cos(ICL - ZS, FT - ZS) on unit
+vectors. A bf16 run differs from float32 in three roundings: the model's weights (round(W)),
+FT's written weights (round(W + delta), however exact the fp32 master delta), and every
+activation. This script runs one (task, seed, examples, lr) in float32 compute and adds them
+one at a time, so it runs on any CPU (bf16 kernels are not needed):
+
+- ``fp32``: the float32 model, as the reference run;
+- ``W``: every weight rounded to bf16 (held in float32), FT's delta added exactly;
+- ``W+write``: as W, and FT's weights are round_bf16(W + delta), as bf16 FT writes them;
+- ``W+write+acts``: as W+write, and in the three captures (not in FT's training) every hook
+  point's output is rounded to bf16 (activations stored in bf16; matmuls still accumulate in
+  float32, as bf16 kernels do);
+- ``W+hooks+acts``: as W+write+acts, but FT's weights stay W and the exact delta enters as
+  ``x delta^T`` added to the K/V projections' outputs (``backend.kv_deltas``).
+
+For each it prints the mean SimAOU (as run_experiment: per example over layers, then over
+examples) and the shared-origin null; then SimAOU with ZS, ICL and FT taken from different
+variants (is it the origin's rounding, shared by both updates?); and the sizes: mean |hat(a) -
+hat(b)| of each update and of each record's difference from float32. ``--real`` also runs a
+true bf16 model (needs a CPU or GPU with fast bf16 matmuls).
+
+    python analyses/precision_simaou.py --n-eval 96 --out precision_simaou.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+
+import icl_lens as il
+from icl_lens import backend as B
+from icl_lens.metrics import shared_origin_null, simaou
+from icl_lens.tasks import fit_demos
+
+BF16 = torch.bfloat16
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _size(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over (example, layer) of |hat(a) - hat(b)|."""
+    return float((_unit(a) - _unit(b)).norm(dim=-1).mean())
+
+
+def _mean(x: torch.Tensor) -> float:
+    """Per example over layers, then over examples (NaN: undefined, left out)."""
+    per_example = torch.nanmean(x, dim=1)
+    return float(per_example[~torch.isnan(per_example)].mean())
+
+
+def _sim(zs, icl, ft) -> float:
+    return _mean(simaou(zs.double(), icl.double(), ft.double(), on_undefined="nan"))
+
+
+def _null(zs, icl, ft) -> float:
+    return _mean(shared_origin_null(zs.double(), icl.double(), ft.double(), on_undefined="nan"))
+
+
+def _round(t):
+    """``t`` rounded to bf16 and back; anything but a floating-point tensor (token ids, masks)
+    unchanged."""
+    if not (torch.is_tensor(t) and t.is_floating_point()):
+        return t
+    return t.to(BF16).to(t.dtype)
+
+
+@contextmanager
+def _rounded_weights(model):
+    """Every floating-point parameter rounded to bf16 (kept in its dtype); restored after."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(_round(p))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+@contextmanager
+def _rounded_activations(model):
+    """Every hook point's output rounded to bf16, except the attention scores and pattern
+    (attention takes its softmax in float32, and capture's self-check holds the pattern to the
+    scores' softmax) and the norms' inner ``hook_scale``/``hook_normalized`` (editing those
+    makes TL 4 rebuild the norm from them instead of running the model's own; their module's
+    ``hook_out`` is rounded)."""
+    skip = ("hook_attn_scores", "hook_pattern", "hook_scale", "hook_normalized")
+    points = {id(hp): hp for name, hp in model.hook_dict.items() if not name.endswith(skip)}
+    handles = [hp.register_forward_hook(lambda _m, _i, out: _round(out)) for hp in points.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-eval", type=int, default=96)
+    ap.add_argument("--n-demos", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4, help="both bench_flops legs chose it")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--real", action="store_true", help="also run a true bf16 model")
+    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    spec = il.get_task(args.task)
+    data = il.load_task_data(spec, "staicc")
+    model = il.load_model(args.model, progress=False)
+    tok = model.tokenizer
+    evals = data.eval[: args.n_eval]
+    demos = il.sample_demos(data.demo_pool, args.n_demos, args.seed)
+    demos = fit_demos(spec, tok, demos, evals, B.dims(model).n_ctx).demos
+    ids = il.label_token_ids(spec, tok)
+    zs_p = [il.build_prompt(spec, tok, q) for q in evals]
+    icl_p = [il.build_prompt(spec, tok, q, demos) for q in evals]
+
+    def cap(m, prompts, cond, acts=False):
+        # with rounded activations the prefix cache may fail its self-check: capture then
+        # warns and runs full prompts
+        with _rounded_activations(m) if acts else nullcontext():
+            return il.capture(m, prompts, ids, cond, progress=False).attn_out
+
+    def three(m, write: str | None = None, acts: bool = False):
+        """ZS, ICL, FT records of ``m`` as it stands. FT's update is the trained weights
+        (``write=None``), round_bf16(W + delta) (``"round"``), or W with ``x delta^T`` added to
+        the K/V projections' outputs (``"hooks"``, backend.kv_deltas). ``acts``: activations
+        rounded in the three captures (not in FT's training)."""
+        zs, icl = cap(m, zs_p, "zs", acts), cap(m, icl_p, "icl", acts)
+        params = [p for _, p in B.named_kv_parameters(m)]
+        orig = [p.detach().clone() for p in params]
+        with il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok) as st, ExitStack() as es:
+            if write:
+                with torch.no_grad():
+                    for p, o, d in zip(params, orig, st.deltas, strict=True):
+                        p.copy_(_round(o + d.to(o.dtype)) if write == "round" else o)
+            if write == "hooks":
+                es.enter_context(B.kv_deltas(m, [d[None] for d in st.deltas]))
+            ft = cap(m, zs_p, "ft", acts)
+        print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        return {"zs": zs, "icl": icl, "ft": ft, "delta": [d.float() for d in st.deltas]}
+
+    runs = {}
+    print("fp32", flush=True)
+    runs["fp32"] = three(model)
+    with _rounded_weights(model):
+        print("W", flush=True)
+        runs["W"] = three(model)
+        print("W+write", flush=True)
+        runs["W+write"] = three(model, write="round")
+        print("W+write+acts", flush=True)
+        runs["W+write+acts"] = three(model, write="round", acts=True)
+        print("W+hooks+acts", flush=True)
+        runs["W+hooks+acts"] = three(model, write="hooks", acts=True)
+    if args.real:
+        print("bf16 (real)", flush=True)
+        runs["bf16"] = three(il.load_model(args.model, dtype=BF16, progress=False))
+
+    ref = runs["fp32"]
+    out = {"config": vars(args), "variants": {}, "mixed": {}}
+    for name, r in runs.items():
+        out["variants"][name] = {
+            "simaou": _sim(r["zs"], r["icl"], r["ft"]),
+            "simaou_null": _null(r["zs"], r["icl"], r["ft"]),
+            "|icl - zs|": _size(r["icl"], r["zs"]),
+            "|ft - zs|": _size(r["ft"], r["zs"]),
+            **{f"|{c} - fp32 {c}|": _size(r[c], ref[c]) for c in ("zs", "icl", "ft")},
+            "delta rel. to fp32's": il.checks.rel_l2(r["delta"], ref["delta"]),
+        }
+    # which record's rounding moves it? ZS, ICL, FT each from fp32 or the most rounded variant
+    last = "bf16" if "bf16" in runs else "W+write+acts"
+    for z, i, f in itertools.product(("fp32", last), repeat=3):
+        mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
+        out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out, indent=2))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
