@@ -13,7 +13,9 @@ one at a time, so it runs on any CPU (bf16 kernels are not needed):
   point's output is rounded to bf16 (activations stored in bf16; matmuls still accumulate in
   float32, as bf16 kernels do);
 - ``W+hooks+acts``: as W+write+acts, but FT's weights stay W and the exact delta enters as
-  ``x delta^T`` added to the K/V projections' outputs (``backend.kv_deltas``).
+  ``x delta^T`` added to the K/V projections' outputs (``backend.kv_deltas``), as
+  ``finetuned`` now does for half-precision models;
+- ``W+hooks+acts+train``: as W+hooks+acts, and FT trains with rounded activations too.
 
 For each it prints the mean SimAOU (as run_experiment: per example over layers, then over
 examples) and the shared-origin null; then SimAOU with ZS, ICL and FT taken from different
@@ -139,22 +141,29 @@ def main(argv=None) -> None:
         with _rounded_activations(m) if acts else nullcontext():
             return il.capture(m, prompts, ids, cond, progress=False).attn_out
 
-    def three(m, write: str | None = None, acts: bool = False):
+    def three(m, write: str | None = None, acts: bool = False, train_acts: bool = False):
         """ZS, ICL, FT records of ``m`` as it stands. FT's update is the trained weights
         (``write=None``), round_bf16(W + delta) (``"round"``), or W with ``x delta^T`` added to
         the K/V projections' outputs (``"hooks"``, backend.kv_deltas). ``acts``: activations
-        rounded in the three captures (not in FT's training)."""
+        rounded in the three captures; ``train_acts``: also in FT's training (forward; the
+        gradients pass the rounding straight through)."""
         zs, icl = cap(m, zs_p, "zs", acts), cap(m, icl_p, "icl", acts)
         params = [p for _, p in B.named_kv_parameters(m)]
         orig = [p.detach().clone() for p in params]
-        with il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok) as st, ExitStack() as es:
-            if write:
-                with torch.no_grad():
-                    for p, o, d in zip(params, orig, st.deltas, strict=True):
-                        p.copy_(_round(o + d.to(o.dtype)) if write == "round" else o)
-            if write == "hooks":
-                es.enter_context(B.kv_deltas(m, [d[None] for d in st.deltas]))
-            ft = cap(m, zs_p, "ft", acts)
+        ft_block = il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok)
+        with _rounded_activations(m) if train_acts else nullcontext():
+            st = ft_block.__enter__()  # trains; the block's body below rounds only if acts
+        try:
+            with ExitStack() as es:
+                if write:
+                    with torch.no_grad():
+                        for p, o, d in zip(params, orig, st.deltas, strict=True):
+                            p.copy_(_round(o + d.to(o.dtype)) if write == "round" else o)
+                if write == "hooks":
+                    es.enter_context(B.kv_deltas(m, [d[None] for d in st.deltas]))
+                ft = cap(m, zs_p, "ft", acts)
+        finally:
+            ft_block.__exit__(None, None, None)  # restores the weights
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
         return {"zs": zs, "icl": icl, "ft": ft, "delta": [d.float() for d in st.deltas]}
 
@@ -170,6 +179,8 @@ def main(argv=None) -> None:
         runs["W+write+acts"] = three(model, write="round", acts=True)
         print("W+hooks+acts", flush=True)
         runs["W+hooks+acts"] = three(model, write="hooks", acts=True)
+        print("W+hooks+acts+train", flush=True)
+        runs["W+hooks+acts+train"] = three(model, write="hooks", acts=True, train_acts=True)
     if args.real:
         print("bf16 (real)", flush=True)
         runs["bf16"] = three(il.load_model(args.model, dtype=BF16, progress=False))
@@ -186,7 +197,7 @@ def main(argv=None) -> None:
             "delta rel. to fp32's": il.checks.rel_l2(r["delta"], ref["delta"]),
         }
     # which record's rounding moves it? ZS, ICL, FT each from fp32 or the most rounded variant
-    last = "bf16" if "bf16" in runs else "W+write+acts"
+    last = "bf16" if "bf16" in runs else "W+hooks+acts+train"
     for z, i, f in itertools.product(("fp32", last), repeat=3):
         mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
         out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed

@@ -762,7 +762,8 @@ def finetuned_grid(
     Same protocol and per-rate results as ``finetuned`` up to float rounding: the rows use
     ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``, and ΔW is kept in at least fp32 (so
     for half-precision models small updates are not rounded away; in-place FT keeps fp32
-    master deltas for the same reason; ``grid.applied`` rounds W + ΔW to the model's dtype).
+    master deltas for the same reason; in half precision ``grid.applied`` adds ``x·ΔWᵀ`` to
+    the K/V projections rather than rounding W + ΔW to the model's dtype).
     Each state's ``deltas`` are its ΔW while the grid's block runs (freed on exit, like the
     model's copies). A rate whose loss diverges stops there and is reported in
     ``grid.diverged``; the others go on. ``side_by_side=None`` uses it when the model supports

@@ -226,6 +226,23 @@ def test_given_values_are_used_as_given(monkeypatch, tmp_path, fake_tasks):
     assert (seen["n_demos"], seen["n_eval"], seen["seeds"], seen["n_boot"]) == (1, 1, (5,), 7)
 
 
+def test_reproduce_says_what_it_will_do_before_the_model_loads(capsys, no_model, tmp_path,
+                                                               fake_tasks):  # fmt: skip
+    """Before any model loads: how many runs, where, and how many have an earlier file there."""
+    argv = ["reproduce", "--tasks", "mr", "sst2", "--seeds", "0", "1", "--out", str(tmp_path)]
+    with pytest.raises(ModelLoaded):
+        cli.main(argv)
+    out = capsys.readouterr().out
+    assert f"4 runs (2 tasks x 2 seeds) into {tmp_path / 'gemma-3-270m'}" in out
+    assert "earlier run" not in out
+    (tmp_path / "gemma-3-270m" / "mr").mkdir(parents=True)
+    (tmp_path / "gemma-3-270m" / "mr" / "seed1.json").write_text("{}")
+    with pytest.raises(ModelLoaded):
+        cli.main(argv)
+    out = capsys.readouterr().out
+    assert "1 of them have a file there from an earlier run, reused only if" in out
+
+
 def test_seeds_must_be_distinct(capsys, no_model, tmp_path):
     assert cli.main(["reproduce", "--seeds", "0", "0", "--out", str(tmp_path)]) == 2
     assert "give each seed once" in one_line(capsys)

@@ -14,6 +14,19 @@ from icl_lens.cli.plan import _plan
 from icl_lens.cli.user_data import _check_data_for_model
 
 
+def _plan_line(plan) -> str:
+    """What ``reproduce`` is about to do, said before the model loads: how many runs, where,
+    and how many of them already have a file there (each reused only if it qualifies)."""
+    runs = [(d.task.name, s) for d in plan.data for s in plan.seeds]
+    there = sum((plan.out / task / f"seed{seed}.json").exists() for task, seed in runs)
+    line = f"{len(runs)} runs ({len(plan.data)} tasks x {len(plan.seeds)} seeds) into {plan.out}"
+    if there:
+        line += (f"; {there} of them have a file there from an earlier run, reused only if made "
+                 "by icl-lens with the same settings, data, model and package versions "
+                 "(--force recomputes)")  # fmt: skip
+    return line
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     plan = _plan(args)
 
@@ -29,6 +42,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = plan.out
     start = time.time()
+    print(_plan_line(plan), flush=True)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.data:
         _check_data_for_model(plan.data[0], model, plan.n_eval)
