@@ -109,6 +109,16 @@ def _rounded_activations(model):
             h.remove()
 
 
+# the variants on bf16-rounded weights: how FT's update enters, and what else is rounded
+VARIANTS = {
+    "W": {},
+    "W+write": {"write": "round"},
+    "W+write+acts": {"write": "round", "acts": True},
+    "W+hooks+acts": {"write": "hooks", "acts": True},
+    "W+hooks+acts+train": {"write": "hooks", "acts": True, "train_acts": True},
+}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
@@ -118,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n-demos", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4, help="both bench_flops legs chose it")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="which rounded variants to run beside fp32 (default: all)")  # fmt: skip
     ap.add_argument("--real", action="store_true", help="also run a true bf16 model")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
@@ -171,16 +183,10 @@ def main(argv=None) -> None:
     print("fp32", flush=True)
     runs["fp32"] = three(model)
     with _rounded_weights(model):
-        print("W", flush=True)
-        runs["W"] = three(model)
-        print("W+write", flush=True)
-        runs["W+write"] = three(model, write="round")
-        print("W+write+acts", flush=True)
-        runs["W+write+acts"] = three(model, write="round", acts=True)
-        print("W+hooks+acts", flush=True)
-        runs["W+hooks+acts"] = three(model, write="hooks", acts=True)
-        print("W+hooks+acts+train", flush=True)
-        runs["W+hooks+acts+train"] = three(model, write="hooks", acts=True, train_acts=True)
+        for name, kw in VARIANTS.items():
+            if name in args.variants:
+                print(name, flush=True)
+                runs[name] = three(model, **kw)
     if args.real:
         print("bf16 (real)", flush=True)
         runs["bf16"] = three(il.load_model(args.model, dtype=BF16, progress=False))
@@ -197,7 +203,7 @@ def main(argv=None) -> None:
             "delta rel. to fp32's": il.checks.rel_l2(r["delta"], ref["delta"]),
         }
     # which record's rounding moves it? ZS, ICL, FT each from fp32 or the most rounded variant
-    last = "bf16" if "bf16" in runs else "W+hooks+acts+train"
+    last = "bf16" if "bf16" in runs else list(runs)[-1]
     for z, i, f in itertools.product(("fp32", last), repeat=3):
         mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
         out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed

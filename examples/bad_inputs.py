@@ -117,7 +117,7 @@ def main(argv=None) -> None:
             p = subprocess.run([sys.executable, "-m", "icl_lens.cli", *cmd], env=env,
                                capture_output=True, text=True)  # fmt: skip
             lines = [x for x in p.stderr.splitlines() if x.strip() and "it/s]" not in x]
-            msg = lines[-1] if lines else "(nothing)"
+            msg = (lines[-1] if lines else "(nothing)").replace(d, "TMP")
             shown = (
                 " ".join(shlex.quote(c) for c in cmd)
                 .replace(d, "TMP")
