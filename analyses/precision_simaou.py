@@ -15,13 +15,16 @@ one at a time, so it runs on any CPU (bf16 kernels are not needed):
 - ``W+hooks+acts``: as W+write+acts, but FT's weights stay W and the exact delta enters as
   ``x delta^T`` added to the K/V projections' outputs (``backend.kv_deltas``), as
   ``finetuned`` now does for half-precision models;
-- ``W+hooks+acts+train``: as W+hooks+acts, and FT trains with rounded activations too.
+- ``W+hooks+acts+train``: as W+hooks+acts, and FT trains with rounded activations too;
+- ``W+hooks+acts+scores``: as W+hooks+acts, and the captures also round the attention scores
+  and pattern (full prompts, self-checks off).
 
 For each it prints the mean SimAOU (as run_experiment: per example over layers, then over
 examples) and the shared-origin null; then SimAOU with ZS, ICL and FT taken from different
 variants (is it the origin's rounding, shared by both updates?); and the sizes: mean |hat(a) -
 hat(b)| of each update and of each record's difference from float32. ``--real`` also runs a
-true bf16 model (needs a CPU or GPU with fast bf16 matmuls).
+true bf16 model (needs a CPU with fast bf16 matmuls; not yet run: the CPU this was written on
+ran bf16 matmuls at 0.5 GFLOP/s).
 
     python analyses/precision_simaou.py --n-eval 96 --out precision_simaou.json
 """
@@ -93,13 +96,17 @@ def _rounded_weights(model):
 
 
 @contextmanager
-def _rounded_activations(model):
+def _rounded_activations(model, scores: bool = False):
     """Every hook point's output rounded to bf16, except the attention scores and pattern
     (attention takes its softmax in float32, and capture's self-check holds the pattern to the
     scores' softmax) and the norms' inner ``hook_scale``/``hook_normalized`` (editing those
     makes TL 4 rebuild the norm from them instead of running the model's own; their module's
-    ``hook_out`` is rounded)."""
-    skip = ("hook_attn_scores", "hook_pattern", "hook_scale", "hook_normalized")
+    ``hook_out`` is rounded). ``scores=True`` rounds the pre-softmax scores and the pattern too,
+    as HF's eager attention in bf16 does (capture's self-checks must then be off: the pattern
+    is no longer the scores' softmax to fp32 precision)."""
+    skip = ("hook_scale", "hook_normalized")
+    if not scores:
+        skip += ("hook_attn_scores", "hook_pattern")
     points = {id(hp): hp for name, hp in model.hook_dict.items() if not name.endswith(skip)}
     handles = [hp.register_forward_hook(lambda _m, _i, out: _round(out)) for hp in points.values()]
     try:
@@ -116,6 +123,7 @@ VARIANTS = {
     "W+write+acts": {"write": "round", "acts": True},
     "W+hooks+acts": {"write": "hooks", "acts": True},
     "W+hooks+acts+train": {"write": "hooks", "acts": True, "train_acts": True},
+    "W+hooks+acts+scores": {"write": "hooks", "acts": "scores"},
 }
 
 
@@ -150,6 +158,10 @@ def main(argv=None) -> None:
     def cap(m, prompts, cond, acts=False):
         # with rounded activations the prefix cache may fail its self-check: capture then
         # warns and runs full prompts
+        if acts == "scores":
+            with _rounded_activations(m, scores=True):
+                return il.capture(m, prompts, ids, cond, progress=False, self_check=False,
+                                  shared_prefix=False).attn_out  # fmt: skip
         with _rounded_activations(m) if acts else nullcontext():
             return il.capture(m, prompts, ids, cond, progress=False).attn_out
 

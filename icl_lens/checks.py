@@ -34,8 +34,10 @@ def precision_caveat(dtype: torch.dtype) -> str | None:
     (Gemma-3-270m, SST-2 seed 0, 500 examples): accuracies, Rec2FTP, SimAM before/after and
     Kendall agreed within their CIs, but SimAOU did not (0.231 in bf16 vs 0.165 in fp32, CI
     half-width 0.003), nor did its shuffled-label and untrained baselines, nor SimAM_delta.
-    SimAOU compares two small updates of the same zero-shot activations, so the dtype's rounding
-    of those activations may weigh on it (not yet shown)."""
+    bf16's rounding of stored numbers (weights, FT's written weights, every hook point's
+    output, the scores) moves SimAOU by < 0.003 when emulated in fp32
+    (``analyses/precision_simaou.py``), so the cause is still open: bf16 arithmetic inside
+    the kernels or FT's backward pass are left to test."""
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     name = str(dtype).removeprefix("torch.")
