@@ -234,6 +234,10 @@ def test_reproduce_says_what_it_will_do_before_the_model_loads(capsys, no_model,
         cli.main(argv)
     out = capsys.readouterr().out
     assert f"4 runs (2 tasks x 2 seeds) into {tmp_path / 'gemma-3-270m'}" in out
+    cli_one = ["reproduce", "--tasks", "mr", "--seeds", "0", "--out", str(tmp_path / "one")]
+    with pytest.raises(ModelLoaded):
+        cli.main(cli_one)
+    assert "1 run (1 task x 1 seed) into" in capsys.readouterr().out
     assert "earlier run" not in out
     (tmp_path / "gemma-3-270m" / "mr").mkdir(parents=True)
     (tmp_path / "gemma-3-270m" / "mr" / "seed1.json").write_text("{}")
@@ -684,13 +688,13 @@ def test_data_resume_recomputes_when_the_data_changes(monkeypatch, tmp_path, cap
     argv[1] = str(path)
     argv = ["reproduce", *argv, *SMALL, "--lr", "0.01", "--out", str(tmp_path), "--no-figures"]
     assert cli.main(argv) == 0
-    assert "computed all 1 runs (none resumed)" in capsys.readouterr().out
+    assert "computed the 1 run (not resumed)" in capsys.readouterr().out
     assert cli.main(argv) == 0
     assert "resumed 1 of 1 runs" in capsys.readouterr().out
     path.write_text(path.read_text().replace("Dull and far too long.", "Dull and far too slow."))
     with caplog.at_level(logging.WARNING, logger="icl_lens.experiment"):
         assert cli.main(argv) == 0
-    assert "computed all 1 runs (none resumed)" in capsys.readouterr().out
+    assert "computed the 1 run (not resumed)" in capsys.readouterr().out
     assert "made from other data (data file sha256" in caplog.text
     assert "reviews" in caplog.text and "recomputing it" in caplog.text
 

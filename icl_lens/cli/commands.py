@@ -19,7 +19,12 @@ def _plan_line(plan) -> str:
     and how many of them already have a file there (each reused only if it qualifies)."""
     runs = [(d.task.name, s) for d in plan.data for s in plan.seeds]
     there = sum((plan.out / task / f"seed{seed}.json").exists() for task, seed in runs)
-    line = f"{len(runs)} runs ({len(plan.data)} tasks x {len(plan.seeds)} seeds) into {plan.out}"
+
+    def n(k: int, what: str) -> str:
+        return f"{k} {what}{'' if k == 1 else 's'}"
+
+    line = (f"{n(len(runs), 'run')} ({n(len(plan.data), 'task')} x {n(len(plan.seeds), 'seed')}) "
+            f"into {plan.out}")  # fmt: skip
     if there:
         line += (f"; {there} of them have a file there from an earlier run, reused only if made "
                  "by icl-lens with the same settings, data, model and package versions "
@@ -87,7 +92,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(f"resumed {len(results.resumed)} of {n_runs} runs from {out} "
               f"(icl-lens {'; '.join(stacks)}); --force recomputes them")  # fmt: skip
     else:
-        print(f"computed all {n_runs} runs (none resumed)")
+        print(f"computed all {n_runs} runs (none resumed)" if n_runs != 1
+              else "computed the 1 run (not resumed)")  # fmt: skip
     summary = results.summary()
     summary.to_csv(out / "summary.csv", float_format="%.4f")
     results.to_frame().to_csv(out / "results.csv", index=False, float_format="%.6g")
