@@ -34,8 +34,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
     (tmp / "null.json").write_text("null")
     (tmp / "a_file").write_text("x")
     long = tmp / "long.jsonl"
-    long.write_text("".join(json.dumps({"review": "good " * 40000, "sentiment": s}) + "\n"
-                            for s in ("positive", "negative") * 4))  # fmt: skip
+    long.write_text("".join(json.dumps({"review": f"good {i} " * 20000, "sentiment": s}) + "\n"
+                            for i, s in enumerate(("positive", "negative") * 4)))  # fmt: skip
     own = ["reproduce", "--data", str(REVIEWS), *OWN]
     out = ["--out", str(tmp / "out")]
     return [
