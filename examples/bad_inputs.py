@@ -76,7 +76,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
         ),
         (
             "text longer than the context",
-            ["reproduce", "--data", str(long), *OWN, *WORDS, *out],
+            ["reproduce", "--data", str(long), *OWN, *WORDS, "--n-demos", "2", *out],
             True,
         ),  # fmt: skip
         (
