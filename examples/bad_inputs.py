@@ -87,7 +87,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
                 "--lr",
                 "1e9",
                 "--n-demos",
-                "4",
+                "8",
                 "--n-eval",
                 "4",
                 "--seeds",
