@@ -236,7 +236,7 @@ def run_experiment(
     made_from = _data_identity(data, cfg)
     runs, resumed = [], []
     for seed in tqdm(cfg.seeds, desc=f"{spec.name} seeds", disable=not progress):
-        path = Path(out_dir) / spec.name / f"seed{seed}.json" if out_dir else None
+        path = run_file(out_dir, spec.name, seed) if out_dir else None
         done = _load_done(path, cfg, resume, stack, made_from)
         if done is not None:
             runs.append(done)
@@ -252,6 +252,11 @@ def run_experiment(
             _log_timing(Path(out_dir), spec.name, seed, time.perf_counter() - start)
         runs.append(run)
     return Results(runs, resumed=resumed)
+
+
+def run_file(out_dir: str | Path, task: str, seed: int) -> Path:
+    """Where ``run_experiment`` writes (and resumes) one (task, seed) run under ``out_dir``."""
+    return Path(out_dir) / task / f"seed{seed}.json"
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

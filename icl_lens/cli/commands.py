@@ -17,8 +17,10 @@ from icl_lens.cli.user_data import _check_data_for_model
 def _plan_line(plan) -> str:
     """What ``reproduce`` is about to do, said before the model loads: how many runs, where,
     and how many of them already have a file there (each reused only if it qualifies)."""
+    from icl_lens.experiment import run_file
+
     runs = [(d.task.name, s) for d in plan.data for s in plan.seeds]
-    there = sum((plan.out / task / f"seed{seed}.json").exists() for task, seed in runs)
+    there = sum(run_file(plan.out, task, seed).exists() for task, seed in runs)
 
     def n(k: int, what: str) -> str:
         return f"{k} {what}{'' if k == 1 else 's'}"
