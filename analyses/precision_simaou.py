@@ -24,7 +24,12 @@ examples) and the shared-origin null; then SimAOU with ZS, ICL and FT taken from
 variants (is it the origin's rounding, shared by both updates?); and the sizes: mean |hat(a) -
 hat(b)| of each update and of each record's difference from float32. ``--real`` also runs a
 true bf16 model (needs a CPU with fast bf16 matmuls; not yet run: the CPU this was written on
-ran bf16 matmuls at 0.5 GFLOP/s).
+ran bf16 matmuls at 0.5 GFLOP/s). ``--bf16-model`` runs the bf16 model as ``--real`` does
+(bf16 weights, every elementwise op, norm, softmax, residual add and FT's backward in bf16),
+but each matmul-class op (linear, matmul, bmm, einsum, SDPA) takes its bf16 inputs exactly in
+float32, accumulates there and rounds its output to bf16: what bf16 GEMM kernels do on
+GPUs and on CPUs with AMX/AVX512-BF16 (fp32 accumulation), up to the order of summation, at
+float32 speed on any CPU.
 
     python analyses/precision_simaou.py --n-eval 96 --out precision_simaou.json
 """
@@ -116,6 +121,51 @@ def _rounded_activations(model, scores: bool = False):
             h.remove()
 
 
+class _Fp32Matmuls(torch.overrides.TorchFunctionMode):
+    """Matmul-class ops on bf16 tensors computed in float32 and rounded back to bf16 (see
+    ``--bf16-model``); autograd goes through the casts, so FT's backward matmuls do the same.
+    Every other op runs in the tensors' own dtype."""
+
+    OPS = frozenset(
+        {
+            torch.nn.functional.linear,
+            torch.matmul,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.Tensor.__rmatmul__,
+            torch.mm,
+            torch.bmm,
+            torch.addmm,
+            torch.baddbmm,
+            torch.einsum,
+            torch.nn.functional.scaled_dot_product_attention,
+        }
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.OPS:
+            return func(*args, **kwargs)
+        flat = [*args, *(a for a in args if isinstance(a, (list, tuple)) for a in a)]
+        if not any(torch.is_tensor(t) and t.dtype == BF16 for t in [*flat, *kwargs.values()]):
+            return func(*args, **kwargs)
+        self.calls += 1
+
+        def up(t):
+            if torch.is_tensor(t) and t.dtype == BF16:
+                return t.float()
+            if isinstance(t, (list, tuple)):
+                return type(t)(up(x) for x in t)
+            return t
+
+        out = func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return out.to(BF16) if torch.is_tensor(out) and out.dtype == torch.float32 else out
+
+
 # the variants on bf16-rounded weights: how FT's update enters, and what else is rounded
 VARIANTS = {
     "W": {},
@@ -136,9 +186,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n-demos", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4, help="both bench_flops legs chose it")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                    help="which rounded variants to run beside fp32 (default: all)")  # fmt: skip
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="rounded variants beside fp32 (default: all; none if bare)")  # fmt: skip
     ap.add_argument("--real", action="store_true", help="also run a true bf16 model")
+    ap.add_argument("--bf16-model", action="store_true",
+                    help="also run the bf16 model with float32-accumulated matmuls")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -202,6 +254,12 @@ def main(argv=None) -> None:
     if args.real:
         print("bf16 (real)", flush=True)
         runs["bf16"] = three(il.load_model(args.model, dtype=BF16, progress=False))
+    if args.bf16_model:
+        print("bf16 model, matmuls accumulated in fp32", flush=True)
+        bf16_model = il.load_model(args.model, dtype=BF16, progress=False)
+        with _Fp32Matmuls() as mode:
+            runs["bf16 (fp32 matmuls)"] = three(bf16_model)
+        print(f"  {mode.calls} matmul-class calls on bf16 inputs went through float32")
 
     ref = runs["fp32"]
     out = {"config": vars(args), "variants": {}, "mixed": {}}

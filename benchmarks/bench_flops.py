@@ -300,15 +300,33 @@ class StageTimer:
     the bound. The probes' own time is kept apart (``probe_seconds``) and not charged to the run.
     """
 
-    def __init__(self, probe) -> None:
+    def __init__(self, probe, rss_windows: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.readings: list[float] = []
         self.probe_seconds = 0.0
         self.grid_rows = 1  # learning rates trained side by side (1: one after another)
         self._probe = probe
+        # peak RSS (MB) by stage: the VmHWM window is read and reset as each stage starts and
+        # ends, and charged to the stage running then ("everything else" between stages)
+        self.peaks: dict[str, float] = {}
+        self._rss_windows = rss_windows
+        self._open: list[str] = []
+
+    def _charge_peak(self) -> None:
+        if self._rss_windows:
+            key = self._open[-1] if self._open else "everything else"
+            self.peaks[key] = max(self.peaks.get(key, 0.0), peak_rss_mb())
+            reset_peak_rss()
+
+    def _start(self, key: str) -> float:
+        self._charge_peak()
+        self._open.append(key)
+        return time.perf_counter()
 
     def _add(self, key: str, start: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+        self._charge_peak()
+        self._open.pop()
         probe_start = time.perf_counter()
         self.readings.append(self._probe())
         self.probe_seconds += time.perf_counter() - probe_start
@@ -327,24 +345,27 @@ class StageTimer:
         capture, finetuned, finetuned_grid = E.capture, E.finetuned, E.finetuned_grid
 
         def timed_capture(*args, **kwargs):
-            start = time.perf_counter()
+            key = f"capture {args[3] if len(args) > 3 else kwargs.get('condition')}"
+            start = self._start(key)
             try:
                 return capture(*args, **kwargs)
             finally:
-                self._add(f"capture {args[3] if len(args) > 3 else kwargs.get('condition')}", start)
+                self._add(key, start)
 
         @contextlib.contextmanager
         def timed_finetuned(*args, **kwargs):
-            start = time.perf_counter()
+            key = f"finetune {kwargs.get('mode', 'standard')}"
+            start = self._start(key)
             with finetuned(*args, **kwargs) as state:
-                self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
+                self._add(key, start)
                 yield state
 
         @contextlib.contextmanager
         def timed_grid(*args, **kwargs):  # the grid's rates train side by side, before yield
-            start = time.perf_counter()
+            key = f"finetune {kwargs.get('mode', 'standard')}"
+            start = self._start(key)
             with finetuned_grid(*args, **kwargs) as grid:
-                self._add(f"finetune {kwargs.get('mode', 'standard')}", start)
+                self._add(key, start)
                 self.grid_rows = len(grid.states) if grid._run_one is None else 1
                 yield grid
 
@@ -388,7 +409,8 @@ def measure(args, dtype_name: str, data) -> dict:
     vocab = d.d_vocab
     d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d.d_model)
     tput = [matmul_gflops(d.d_model, d_mlp, dtype=dtype)]
-    timer = StageTimer(lambda: matmul_gflops(d.d_model, d_mlp, seconds=0.6, dtype=dtype))
+    timer = StageTimer(lambda: matmul_gflops(d.d_model, d_mlp, seconds=0.6, dtype=dtype),
+                       rss_windows=windowed)  # fmt: skip
     with timer.installed():
         start = time.perf_counter()
         res = run_experiment(model, args.task, args.n_demos, args.n_eval, seeds=(args.seed,),
@@ -401,7 +423,8 @@ def measure(args, dtype_name: str, data) -> dict:
     best = max(tput + timer.readings)
     bound = need["flops"] / (best * 1e9)
     bound_v = (need["flops"] + vocab_flops) / (best * 1e9)
-    rss_mb = peak_rss_mb()
+    timer._charge_peak()  # the window since the last stage: "everything else"
+    rss_mb = max([peak_rss_mb(), *timer.peaks.values()])
     model_mb = counts["total"] * dtype.itemsize / 2**20
     print(f"=== dtype {dtype_name} ===")
     print(
@@ -438,6 +461,10 @@ def measure(args, dtype_name: str, data) -> dict:
         print(f"(b) peak RSS during the run {rss_mb:.0f} MB (model loaded; loading itself peaked "
               f"at {load_peak_mb:.0f} MB); {dtype_name} model {model_mb:.0f} MB: "
               f"{rss_mb / model_mb:.2f}x")  # fmt: skip
+        print("    by stage (peak while it ran; 'everything else': metrics, baselines, "
+              "bookkeeping between stages):")  # fmt: skip
+        for key, mb in sorted(timer.peaks.items(), key=lambda kv: -kv[1]):
+            print(f"      {key:<22} {mb:7.0f} MB  {mb / model_mb:.2f}x")
     else:
         print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far, loading included); "
               f"{dtype_name} model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip

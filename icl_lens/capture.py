@@ -29,7 +29,6 @@ runs once and its keys/values are reused for padded batches of queries.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -597,7 +596,7 @@ class _Pass:
                 raise B.PrefixCacheError(f"site {site!r}: {why} (shared prefix)")
             self.sites[site]["unavailable"] = why
             self.extra.remove(site)
-            warnings.warn(f"site {site!r} is not recorded: {why}", stacklevel=4)
+            _warn(f"site {site!r} is not recorded: {why}", UserWarning)
 
     def label_logits(self, x: Tensor) -> Tensor:
         """Final-normed residual rows -> the label words' logits (bias, soft cap)."""

@@ -10,6 +10,9 @@ provenance.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 
 import torch
@@ -76,9 +79,24 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
     return float(diff.max() / scale)
 
 
-def warn(message: str, stacklevel: int = 3) -> None:
-    """Emit a ``FastPathWarning`` (one line, naming the cause and what runs instead)."""
-    warnings.warn(message, FastPathWarning, stacklevel=stacklevel)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SKIPPED = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` called right here) of the first frame outside
+    icl-lens and ``contextlib``: the user's own line, however deep the call ran (the warnings
+    of a ``with finetuned(...)`` block come from nested generators)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str, category: type[Warning] = FastPathWarning) -> None:
+    """Emit a one-line warning (by default a ``FastPathWarning``: the cause and what runs
+    instead), attributed to the user's line that led to it."""
+    warnings.warn(message, category, stacklevel=_outside_stacklevel())
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -55,7 +55,7 @@ from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
-from icl_lens.checks import PrecisionWarning, model_dtype, precision_caveat
+from icl_lens.checks import PrecisionWarning, model_dtype, precision_caveat, warn
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.progress import tqdm
@@ -218,7 +218,7 @@ def run_experiment(
                            device=B.input_device(model).type, **config)  # fmt: skip
     caveat = precision_caveat(model_dtype(model))
     if caveat is not None:
-        warnings.warn(caveat, PrecisionWarning, stacklevel=2)
+        warn(caveat, PrecisionWarning)
     n_layers = B.dims(model).n_layers
     if cfg.layers is not None and max(cfg.layers) >= n_layers:
         raise ValueError(

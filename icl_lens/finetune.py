@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -327,8 +326,8 @@ class _Queries:
                 f"{B.architecture(self.model)} on TL {B.TL_VERSION}: "
                 f"{', '.join(self.hook_names)} did not fire in layer(s) {missing} during FT"
             )
-            warnings.warn(f"FT training queries at site 'q_post' are not recorded: "
-                          f"{self.unavailable}", stacklevel=4)  # fmt: skip
+            warn(f"FT training queries at site 'q_post' are not recorded: {self.unavailable}",
+                 UserWarning)  # fmt: skip
             self.steps_post = [[] for _ in self.steps_post]
             return
         self.steps_post[rate].append(
@@ -424,8 +423,8 @@ def finetuned(
     ``demos`` are token lists ([BOS] + input + label word each) or ``Example`` s with ``task``.
     ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
     an exception or KeyboardInterrupt; only the trained tensors' originals are kept. For a
-    half-precision tensor SGD steps an fp32 master delta and the model holds
-    ``round(W_orig + delta)``; ``state.deltas`` holds every tensor's update (at least fp32).
+    half-precision tensor SGD steps an fp32 master delta, and inside the block the update enters
+    exactly (``_update_applied``); ``state.deltas`` holds every tensor's update (at least fp32).
     """
     _check_args(mode, [lr])
     sequences = _to_sequences(model, demos, task, tokenizer)
@@ -480,10 +479,9 @@ def _update_applied(model: nn.Module, named, originals: Sequence[Tensor], deltas
             }
         else:
             fast_paths["update_applied"] = {"how": "weights (rounded)", "reason": reason}
-            warnings.warn(
-                f"the FT update is applied as round(W + ΔW) in {trained[0].dtype}, which loses "
-                f"its entries below half an ulp of W ({reason}); compare with a float32 run",
-                PrecisionWarning, stacklevel=4)  # fmt: skip
+            warn(f"the FT update is applied as round(W + ΔW) in {trained[0].dtype}, which loses "
+                 f"its entries below half an ulp of W ({reason}); compare with a float32 run",
+                 PrecisionWarning)  # fmt: skip
         yield
 
 
@@ -522,7 +520,7 @@ def _prepare(model: nn.Module, sequences, trained: Sequence[Tensor], mode: str,
             "): use mode='standard'"
         )
     if "loss_rel_diff" in check and not check["ok"]:
-        warn(f"{check['reason']}; FT uses the model's own logits instead (slower)", stacklevel=4)
+        warn(f"{check['reason']}; FT uses the model's own logits instead (slower)")
     return check["ok"]
 
 
@@ -799,7 +797,7 @@ def finetuned_grid(
             fallback = {"reason": f"{type(e).__name__}: {e}",
                         "check": getattr(e, "report", None)}  # fmt: skip
             warn(f"side-by-side FT is not used: {e}; training each rate in place instead "
-                 "(one after another: slower, same results)", stacklevel=3)  # fmt: skip
+                 "(one after another: slower, same results)")  # fmt: skip
             grid = None
         if grid is not None:
             try:

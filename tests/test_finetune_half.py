@@ -289,9 +289,11 @@ def test_half_ft_model_carries_more_of_the_update_than_rounded_weights(load, mon
         yield
 
     monkeypatch.setattr(B, "kv_deltas", unsupported)
-    with pytest.warns(PrecisionWarning, match=r"round\(W \+ ΔW\).*no deltas here"):
+    with pytest.warns(PrecisionWarning, match=r"round\(W \+ ΔW\).*no deltas here") as seen:
         rounded, how = moved(load(arch, dtype))
     assert how == "weights (rounded)"
+    # attributed to the user's `with finetuned(...)` line, not to contextlib or icl-lens
+    assert {w.filename for w in seen if w.category is PrecisionWarning} == {__file__}
     err, err_rounded = rel_l2(exact, ref), rel_l2(rounded, ref)
     # measured: 0.55-0.67 of the rounded weights' error (llama, gpt2, gemma3; bf16 and fp16)
     assert err < 0.8 * err_rounded, (err, err_rounded)
@@ -329,6 +331,7 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
     # the known bf16 caveat (SimAOU vs fp32) is said once, and kept in the provenance
     said = [str(w.message) for w in seen if issubclass(w.category, PrecisionWarning)]
     assert len(said) == 1 and "SimAOU" in said[0] and "float32" in said[0]
+    assert [w.filename for w in seen if w.category is PrecisionWarning] == [__file__]
     run = res.runs[0]
     prov = run.provenance
     assert prov["precision_caveat"] == said[0]
