@@ -29,7 +29,9 @@ ran bf16 matmuls at 0.5 GFLOP/s). ``--bf16-model`` runs the bf16 model as ``--re
 but each matmul-class op (linear, matmul, bmm, einsum, SDPA) takes its bf16 inputs exactly in
 float32, accumulates there and rounds its output to bf16: what bf16 GEMM kernels do on
 GPUs and on CPUs with AMX/AVX512-BF16 (fp32 accumulation), up to the order of summation, at
-float32 speed on any CPU.
+float32 speed on any CPU. ``--run-experiment`` instead runs the whole protocol
+(``run_experiment``, every default baseline) on the float32 model and on that bf16 model and
+prints every headline value side by side with its CI half-widths.
 
     python analyses/precision_simaou.py --n-eval 96 --out precision_simaou.json
 """
@@ -177,6 +179,81 @@ VARIANTS = {
 }
 
 
+def _tolerance_report(run, ref) -> dict:
+    """How the bf16 zero tolerance of ``run_experiment`` treats ``run`` (a bf16 model's records)
+    against float32's ``ref``: SimAOU with the update-norm threshold at float32's default (4
+    eps of float32), at bf16's eps and at 4 eps of bf16 (what run_experiment used for a bf16
+    model); how many (example, layer) entries each leaves out; float32's own SimAOU on the
+    entries each keeps; and the size of bf16's error in each update against its size."""
+    eps = torch.finfo(BF16).eps
+    z, i, f = (_unit(run[c]) for c in ("zs", "icl", "ft"))
+    rz, ri, rf = (_unit(ref[c]) for c in ("zs", "icl", "ft"))
+    out = {}
+    for name, tol in (("fp32 default", None), ("bf16 eps", eps), ("4 bf16 eps", 4 * eps)):
+        sim = simaou(run["zs"].double(), run["icl"].double(), run["ft"].double(),
+                     on_undefined="nan", zero_tol=tol)  # fmt: skip
+        kept = ~torch.isnan(sim)
+        fp32 = simaou(rz, ri, rf, on_undefined="nan").masked_fill(~kept, torch.nan)
+        out[name] = {
+            "zero_tol": tol,
+            "simaou": _mean(sim),
+            "left out": f"{int((~kept).sum())} of {kept.numel()}",
+            "left out by layer": (~kept).sum(0).tolist(),
+            "float32 simaou on the kept entries": _mean(fp32),
+        }
+    for c, own in (("ft", f), ("icl", i)):
+        size = (own - z).norm(dim=-1)
+        err = ((own - z) - (rf if c == "ft" else ri) + rz).norm(dim=-1)
+        out[f"|{c} - zs|: median, 10th percentile"] = [float(size.median()),
+                                                        float(size.quantile(0.1))]  # fmt: skip
+        out[f"error of bf16's {c} - zs vs fp32's: median, 90th percentile"] = [
+            float(err.median()), float(err.quantile(0.9))]  # fmt: skip
+    return out
+
+
+HEADLINE = ("accuracy", "rec2ftp", "simaou", "simaou_orthogonal", "simaou_null", "simam_before",
+            "simam_after", "simam_delta", "kendall_token")  # fmt: skip
+
+
+def _headline(run) -> dict[str, tuple[float | None, float | None]]:
+    """'metric variant' -> (value, CI half-width) of the layer-mean rows (no lr grid rows)."""
+    out = {}
+    for r in run.rows:
+        if r["layer"] != "mean" or r["kind"] == "lr_grid" or r["metric"] not in HEADLINE:
+            continue
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        out[f"{r['metric']} {r['variant']}"] = (r["value"], None if lo is None else (hi - lo) / 2)
+    return out
+
+
+def _run_experiments(args, spec, data) -> dict:
+    """``run_experiment`` (every default baseline) on the float32 model and on the bf16 model
+    with float32-accumulated matmuls; prints each headline value of both with its CI
+    half-width, * where the difference exceeds the smaller half-width."""
+    sides = {}
+    for name in ("float32", "bfloat16"):
+        t = time.perf_counter()
+        model = il.load_model(args.model, dtype=getattr(torch, name), progress=False)
+        with _Fp32Matmuls() if name == "bfloat16" else nullcontext():
+            res = il.run_experiment(model, spec, args.n_demos, args.n_eval, seeds=(args.seed,),
+                                    data=data, model_name=args.model, progress=False)  # fmt: skip
+        sides[name] = _headline(res.runs[0])
+        print(f"run_experiment {name}: {time.perf_counter() - t:.0f}s, lr "
+              f"{res.runs[0].provenance['lr']:g}", flush=True)  # fmt: skip
+        del model, res
+    a, b = sides["float32"], sides["bfloat16"]
+    print("headline values, bfloat16 (fp32 matmuls) - float32; CI half-widths float32, bfloat16:")
+    for key in a:
+        (x, hx), (y, hy) = a[key], b.get(key, (None, None))
+        if x is None or y is None:
+            print(f"  {key:<32} float32 {x} bfloat16 {y}")
+            continue
+        star = "*" if None not in (hx, hy) and abs(y - x) > min(hx, hy) else " "
+        hw = ", ".join("-" if h is None else f"{h:.4f}" for h in (hx, hy))
+        print(f"  {key:<32} {x:8.4f} {y:8.4f} diff {y - x:+.4f}{star} half-widths {hw}")
+    return sides
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
@@ -191,6 +268,9 @@ def main(argv=None) -> None:
     ap.add_argument("--real", action="store_true", help="also run a true bf16 model")
     ap.add_argument("--bf16-model", action="store_true",
                     help="also run the bf16 model with float32-accumulated matmuls")  # fmt: skip
+    ap.add_argument("--run-experiment", action="store_true",
+                    help="only run_experiment, float32 vs the bf16 model with fp32-accumulated "
+                    "matmuls, every headline value side by side")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -198,6 +278,12 @@ def main(argv=None) -> None:
 
     spec = il.get_task(args.task)
     data = il.load_task_data(spec, "staicc")
+    if args.run_experiment:
+        sides = _run_experiments(args, spec, data)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"config": vars(args), "headline": sides}, fh, indent=2)
+        return
     model = il.load_model(args.model, progress=False)
     tok = model.tokenizer
     evals = data.eval[: args.n_eval]
@@ -277,6 +363,8 @@ def main(argv=None) -> None:
     for z, i, f in itertools.product(("fp32", last), repeat=3):
         mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
         out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
+    if last != "fp32":
+        out["zero_tolerance"] = _tolerance_report(runs[last], ref)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))
     if args.out:
