@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -71,11 +72,12 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def _sim(zs, icl, ft) -> float:
-    return _mean(simaou(zs.double(), icl.double(), ft.double(), on_undefined="nan"))
+    """Mean SimAOU of float32 records, with run_experiment's rule for undefined entries."""
+    return _mean(simaou(zs, icl, ft, on_undefined="nan"))
 
 
 def _null(zs, icl, ft) -> float:
-    return _mean(shared_origin_null(zs.double(), icl.double(), ft.double(), on_undefined="nan"))
+    return _mean(shared_origin_null(zs, icl, ft, on_undefined="nan"))
 
 
 def _round(t):
@@ -126,34 +128,61 @@ def _rounded_activations(model, scores: bool = False):
 class _Fp32Matmuls(torch.overrides.TorchFunctionMode):
     """Matmul-class ops on bf16 tensors computed in float32 and rounded back to bf16 (see
     ``--bf16-model``); autograd goes through the casts, so FT's backward matmuls do the same.
-    Every other op runs in the tensors' own dtype."""
+    Every other op runs in the tensors' own dtype. SDPA runs wholly in float32 (scores,
+    softmax and probabilities), where a fused bf16 kernel rounds the probabilities to bf16
+    before the second product. An op not in ``OPS`` whose name looks like a product and that
+    gets bf16 inputs ran natively: ``missed`` names it."""
 
     OPS = frozenset(
         {
             torch.nn.functional.linear,
+            torch.nn.functional.bilinear,
+            torch.nn.functional.scaled_dot_product_attention,
             torch.matmul,
-            torch.Tensor.matmul,
-            torch.Tensor.__matmul__,
-            torch.Tensor.__rmatmul__,
             torch.mm,
             torch.bmm,
             torch.addmm,
             torch.baddbmm,
+            torch.addbmm,
+            torch.mv,
+            torch.dot,
             torch.einsum,
-            torch.nn.functional.scaled_dot_product_attention,
+            torch.tensordot,
+            torch.linalg.matmul,
+            torch.linalg.multi_dot,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.Tensor.__rmatmul__,
+            torch.Tensor.mm,
+            torch.Tensor.bmm,
+            torch.Tensor.addmm,
+            torch.Tensor.baddbmm,
+            torch.Tensor.mv,
+            torch.Tensor.dot,
         }
     )
+    LOOKS_LIKE = re.compile(r"mm|matmul|linear|einsum|dot|attention|conv")
 
     def __init__(self):
         super().__init__()
         self.calls = 0
+        self.missed: set[str] = set()
+
+    @staticmethod
+    def _tensors(args, kwargs):
+        for a in [*args, *kwargs.values()]:
+            if isinstance(a, (list, tuple)):
+                yield from (t for t in a if torch.is_tensor(t))
+            elif torch.is_tensor(a):
+                yield a
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in self.OPS:
+        if not any(t.dtype == BF16 for t in self._tensors(args, kwargs)):
             return func(*args, **kwargs)
-        flat = [*args, *(a for a in args if isinstance(a, (list, tuple)) for a in a)]
-        if not any(torch.is_tensor(t) and t.dtype == BF16 for t in [*flat, *kwargs.values()]):
+        if func not in self.OPS:
+            if self.LOOKS_LIKE.search(getattr(func, "__name__", "")):
+                self.missed.add(func.__name__)
             return func(*args, **kwargs)
         self.calls += 1
 
@@ -190,10 +219,11 @@ def _tolerance_report(run, ref) -> dict:
     rz, ri, rf = (_unit(ref[c]) for c in ("zs", "icl", "ft"))
     out = {}
     for name, tol in (("fp32 default", None), ("bf16 eps", eps), ("4 bf16 eps", 4 * eps)):
-        sim = simaou(run["zs"].double(), run["icl"].double(), run["ft"].double(),
-                     on_undefined="nan", zero_tol=tol)  # fmt: skip
+        # the records are float32, so tol None is 4 eps of float32, as run_experiment now uses
+        sim = simaou(run["zs"], run["icl"], run["ft"], on_undefined="nan", zero_tol=tol)
         kept = ~torch.isnan(sim)
-        fp32 = simaou(rz, ri, rf, on_undefined="nan").masked_fill(~kept, torch.nan)
+        fp32 = simaou(ref["zs"], ref["icl"], ref["ft"], on_undefined="nan")
+        fp32 = fp32.masked_fill(~kept, torch.nan)
         out[name] = {
             "zero_tol": tol,
             "simaou": _mean(sim),
@@ -234,10 +264,17 @@ def _run_experiments(args, spec, data) -> dict:
     for name in ("float32", "bfloat16"):
         t = time.perf_counter()
         model = il.load_model(args.model, dtype=getattr(torch, name), progress=False)
-        with _Fp32Matmuls() if name == "bfloat16" else nullcontext():
+        with _Fp32Matmuls() if name == "bfloat16" else nullcontext() as mode:
             res = il.run_experiment(model, spec, args.n_demos, args.n_eval, seeds=(args.seed,),
                                     data=data, model_name=args.model, progress=False)  # fmt: skip
+        if mode is not None:
+            print(f"  ran natively in bf16: {sorted(mode.missed) or 'none'}")
         sides[name] = _headline(res.runs[0])
+        caps = res.runs[0].provenance["fast_paths"].get("captures", {})
+        for cond, reports in caps.items():  # a self-check that failed: which capture
+            for k, rep in enumerate(reports):
+                if not rep.get("windows", {}).get("ok", True):
+                    print(f"  {name} capture {cond} #{k}: {rep['windows']['problems']}")
         print(f"run_experiment {name}: {time.perf_counter() - t:.0f}s, lr "
               f"{res.runs[0].provenance['lr']:g}", flush=True)  # fmt: skip
         del model, res
@@ -345,7 +382,8 @@ def main(argv=None) -> None:
         bf16_model = il.load_model(args.model, dtype=BF16, progress=False)
         with _Fp32Matmuls() as mode:
             runs["bf16 (fp32 matmuls)"] = three(bf16_model)
-        print(f"  {mode.calls} matmul-class calls on bf16 inputs went through float32")
+        print(f"  {mode.calls} matmul-class calls on bf16 inputs went through float32; ran "
+              f"natively in bf16: {sorted(mode.missed) or 'none'}")  # fmt: skip
 
     ref = runs["fp32"]
     out = {"config": vars(args), "variants": {}, "mixed": {}}
@@ -363,7 +401,7 @@ def main(argv=None) -> None:
     for z, i, f in itertools.product(("fp32", last), repeat=3):
         mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
         out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
-    if last != "fp32":
+    if last in ("bf16", "bf16 (fp32 matmuls)"):  # a bf16 model's records
         out["zero_tolerance"] = _tolerance_report(runs[last], ref)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))

@@ -353,19 +353,29 @@ class StageTimer:
                 self._add(key, start)
 
         @contextlib.contextmanager
+        def timed(make, key):
+            """Time ``make()``'s training (its enter); a training that raises (a diverged
+            rate, which run_experiment catches) still closes its stage."""
+            start = self._start(key)
+            try:
+                cm = make()
+                value = cm.__enter__()
+            except BaseException:
+                self._add(key, start)
+                raise
+            self._add(key, start)
+            with contextlib.ExitStack() as stack:
+                stack.push(cm)
+                yield value
+
         def timed_finetuned(*args, **kwargs):
             key = f"finetune {kwargs.get('mode', 'standard')}"
-            start = self._start(key)
-            with finetuned(*args, **kwargs) as state:
-                self._add(key, start)
-                yield state
+            return timed(lambda: finetuned(*args, **kwargs), key)
 
         @contextlib.contextmanager
         def timed_grid(*args, **kwargs):  # the grid's rates train side by side, before yield
             key = f"finetune {kwargs.get('mode', 'standard')}"
-            start = self._start(key)
-            with finetuned_grid(*args, **kwargs) as grid:
-                self._add(key, start)
+            with timed(lambda: finetuned_grid(*args, **kwargs), key) as grid:
                 self.grid_rows = len(grid.states) if grid._run_one is None else 1
                 yield grid
 

@@ -10,8 +10,6 @@ provenance.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import warnings
 
@@ -79,16 +77,21 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
     return float(diff.max() / scale)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_SKIPPED = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
+#: modules whose frames a warning looks past to find the user's line: icl-lens itself, and the
+#: context-manager and decorator plumbing its calls go through
+_PLUMBING = ("contextlib", "torch.utils._contextlib")
 
 
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` (for a ``warnings.warn`` called right here) of the first frame outside
-    icl-lens and ``contextlib``: the user's own line, however deep the call ran (the warnings
-    of a ``with finetuned(...)`` block come from nested generators)."""
+    icl-lens, ``contextlib`` and torch's ``no_grad`` decorator: the user's own line, however
+    deep the call ran (a ``with finetuned(...)`` block's warnings come from nested generators).
+    Frames are told apart by their module's name, so it works for any install layout."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED):
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == "icl_lens" or module.startswith("icl_lens.") or module in _PLUMBING):
+            break
         frame, level = frame.f_back, level + 1
     return level
 

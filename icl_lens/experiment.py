@@ -169,6 +169,8 @@ class ExperimentConfig:
                   if k not in _NOT_IN_KEY and _KEY_DEFAULTS.get(k, object()) != v}  # fmt: skip
         if not self.patching:  # how many examples patching would use: moot when it is off
             fields.pop("patch_examples", None)
+        if self.dtype in ("bfloat16", "float16"):  # not resumed from a half-precision file made
+            fields["undefined_rule"] = "float32 records"  # before one zero rule held for all
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

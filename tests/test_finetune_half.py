@@ -41,6 +41,9 @@ FLOOR_FACTOR = 2.0
 MEASURED: dict[tuple[str, str, str], tuple[float, float]] = {}
 
 
+BF16 = torch.bfloat16
+
+
 def _tiny_hf(arch: str) -> torch.nn.Module:
     from transformers import (
         Gemma3ForCausalLM,
@@ -328,23 +331,39 @@ def test_half_precision_averages_the_same_entries_as_fp32(tmp_path):
     (4 eps of bf16 on the unit-vector updates, as before) called FT's small early-layer updates
     rounding noise and left them out: on Gemma-3-270m SST-2 (64 examples) 427 of 1152 SimAOU
     entries, which moved SimAOU from 0.149 to 0.229 by the selection alone
-    (``analyses/precision_simaou.py --bf16-model``). Here FT's small rate keeps the updates
-    small enough for that threshold to have left entries out."""
+    (``analyses/precision_simaou.py --bf16-model``, the bf16 model with float32-accumulated
+    matmuls). Here FT's small rate keeps some updates under that threshold (checked below)."""
     from icl_lens import experiment as E
+    from icl_lens import metrics as M
 
     path, tok, data = _toy_checkpoint(tmp_path)
     kw = dict(data=data, tokenizer=tok, seeds=(0,), lr=1e-4, baselines=(), n_boot=20,
               batch_size=4, progress=False)  # fmt: skip
+    records = []
+
+    def keeping(*args, **kwargs):
+        rec = capture(*args, **kwargs)
+        records.append(rec.attn_out)
+        return rec
+
+    capture = E.capture
     noted = {}
     for dtype in ("float32", "bfloat16"):
-        with warnings.catch_warnings():
+        records.clear()
+        with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
             warnings.simplefilter("ignore", PrecisionWarning)
+            mp.setattr(E, "capture", keeping)
             run = E.run_experiment(str(path), data.task, 4, 6, dtype=dtype, **kw).runs[0]
         noted[dtype] = {(r["metric"], r["layer"]): (r["n"], bool(r["note"])) for r in run.rows
                         if r["metric"] in ("simaou", "simaou_orthogonal", "simam_delta")
                         and r["variant"] == "ft"}  # fmt: skip
     assert noted["float32"] and noted["bfloat16"] == noted["float32"]
     assert noted["bfloat16"][("simaou", "mean")] == (6, False)  # every example, none left out
+    # the bf16 run's ZS, ICL, FT records: the old threshold would have left some entries out
+    zs, icl, ft = records[:3]
+    with pytest.warns(M.UndefinedMetricWarning, match="zero-norm FT update"):
+        old = M.simaou(zs, icl, ft, on_undefined="nan", zero_tol=4 * torch.finfo(BF16).eps)
+    assert old.isnan().any() and not M.simaou(zs, icl, ft, on_undefined="nan").isnan().any()
 
 
 def test_bf16_run_experiment_with_every_baseline(tmp_path):
@@ -411,6 +430,12 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
     assert cfg.key() == "5c12b0109055"
     keys = {E.ExperimentConfig(dtype=d).key() for d in ("float32", "bfloat16", "float16")}
     assert len(keys) == 3
+    # a half-precision file made while the metrics' zero rule followed the dtype is not resumed
+    bf16 = E.ExperimentConfig(dtype="bfloat16")
+    before = {k: v for k, v in asdict(bf16).items() if k not in E._NOT_IN_KEY
+              and E._KEY_DEFAULTS.get(k, object()) != v}  # fmt: skip
+    blob = json.dumps(before, sort_keys=True, default=list)
+    assert bf16.key() != hashlib.sha256(blob.encode()).hexdigest()[:12]
     assert E.ExperimentConfig(device="cuda").key() != cfg.key()
     with pytest.raises(ValueError, match="dtype"):
         E.ExperimentConfig(dtype="int8")
