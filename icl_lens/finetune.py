@@ -423,8 +423,9 @@ def finetuned(
     ``demos`` are token lists ([BOS] + input + label word each) or ``Example`` s with ``task``.
     ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
     an exception or KeyboardInterrupt; only the trained tensors' originals are kept. For a
-    half-precision tensor SGD steps an fp32 master delta, and inside the block the update enters
-    exactly (``_update_applied``); ``state.deltas`` holds every tensor's update (at least fp32).
+    half-precision tensor SGD steps an fp32 master delta, and inside the block the update is
+    added to the K/V activations rather than lost to round(W + delta) (``_update_applied``);
+    ``state.deltas`` holds every tensor's update (at least fp32).
     """
     _check_args(mode, [lr])
     sequences = _to_sequences(model, demos, task, tokenizer)
