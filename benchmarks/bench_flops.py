@@ -360,10 +360,8 @@ class StageTimer:
             try:
                 cm = make()
                 value = cm.__enter__()
-            except BaseException:
+            finally:
                 self._add(key, start)
-                raise
-            self._add(key, start)
             with contextlib.ExitStack() as stack:
                 stack.push(cm)
                 yield value
