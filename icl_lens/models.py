@@ -28,7 +28,6 @@ import socket
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +307,9 @@ def _cached(
             except Exception as e:  # damaged in a way the hashes cannot see (e.g. at build)
                 raise _Corrupt(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
     except _Corrupt as e:
-        warnings.warn(f"cache {directory} is damaged ({e}); rebuilding it", CacheWarning, 3)
+        from icl_lens.checks import warn
+
+        warn(f"cache {directory} is damaged ({e}); rebuilding it", CacheWarning)
         shutil.rmtree(directory, ignore_errors=True)
     _write_cache(directory, write, expect)
     manifest = _check_cache(directory, expect)

@@ -13,10 +13,11 @@ activations are recorded at the appended label token (−1) by default.
 from __future__ import annotations
 
 import string
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+from icl_lens.checks import warn
 
 RECORD_MODES = ("label", "predict")
 
@@ -385,11 +386,10 @@ def fit_demos(
     longest = base + sum(demo_lens[:kept])
     check_context(longest, n_ctx)
     if kept < len(demos):
-        warnings.warn(
+        warn(
             f"dropped {len(demos) - kept} of {len(demos)} demonstrations (kept the first "
             f"{kept}) so that the longest prompt, {longest} tokens, fits the model's context of "
             f"{n_ctx} tokens; use fewer demonstrations or shorter examples to keep them all",
             ContextWarning,
-            stacklevel=2,
         )
     return DemoFit(list(demos[:kept]), len(demos) - kept, longest)

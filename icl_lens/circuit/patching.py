@@ -23,7 +23,6 @@ patches one head's ``hook_z`` at a time. Norms are matched in output space (d_mo
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from icl_lens import backend as B
 from icl_lens import metrics as M
+from icl_lens.checks import warn
 from icl_lens.circuit.records import CircuitRecords, forward_label_logits
 from icl_lens.circuit.sites import head_outputs
 from icl_lens.finetune import finetuned
@@ -243,19 +243,19 @@ def patch_curves(
         base_cond, variants = DIRECTIONS[direction]
         variants = [v for v in variants if v in ("random", "zero") or v in records.conditions]
         if len(variants) < len(DIRECTIONS[direction][1]):
-            warnings.warn(
+            warn(
                 f"{direction}: no shuffled-label FT in the records (shuffled=False?); "
                 "that baseline is left out",
-                stacklevel=2,
+                UserWarning,
             )
         base[direction] = label_logit_diff(records[base_cond].label_logits, labels) - ld_zs
         base_mean, base_se = _mean_se(base[direction])
         if is_unstable(base_mean, base_se):
-            warnings.warn(
+            warn(
                 f"{direction}: {base_cond.upper()}'s mean change of the label-logit difference "
                 f"({base_mean:.3g}) is within 2 standard errors ({base_se:.3g}) of 0, so the "
                 "surviving fractions (ratios to it) are unstable",
-                stacklevel=2,
+                UserWarning,
             )
         target = _norms(units[base_cond][1] - units["zs"][1], unit_dims)  # ‖Δbase‖
         prompts = records.icl_prompts if base_cond == "icl" else records.zs_prompts

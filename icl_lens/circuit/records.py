@@ -15,7 +15,6 @@ attention. ``record="label"`` gives the reference position for comparisons with
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
+from icl_lens.checks import warn
 from icl_lens.circuit.sites import DEFAULT_SITES, check_sites, head_outputs, site_hooks
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FTState, finetuned
@@ -228,9 +228,7 @@ def circuit_records(
     sh, sh_demos = None, None
     if shuffled:
         if len({x.label for x in demos}) < 2:
-            warnings.warn(
-                "the demonstrations have one label: no shuffled-label FT baseline", stacklevel=2
-            )
+            warn("the demonstrations have one label: no shuffled-label FT baseline", UserWarning)
         else:
             sh_demos = shuffle_labels(demos, seed)
             with finetuned(model, sh_demos, lr, record_queries=False, **ft_kw):
