@@ -309,14 +309,21 @@ class StageTimer:
         # peak RSS (MB) by stage: the VmHWM window is read and reset as each stage starts and
         # ends, and charged to the stage running then ("everything else" between stages)
         self.peaks: dict[str, float] = {}
+        # the same windows in time order: (stage, RSS as it opened, its peak), in MB; a
+        # window's peak is at least the RSS it opened at, so the order says where RSS grew
+        self.timeline: list[tuple[str, float, float]] = []
         self._rss_windows = rss_windows
         self._open: list[str] = []
+        self._window_start = current_rss_mb()
 
     def _charge_peak(self) -> None:
         if self._rss_windows:
             key = self._open[-1] if self._open else "everything else"
-            self.peaks[key] = max(self.peaks.get(key, 0.0), peak_rss_mb())
+            peak = peak_rss_mb()
+            self.peaks[key] = max(self.peaks.get(key, 0.0), peak)
+            self.timeline.append((key, self._window_start, peak))
             reset_peak_rss()
+            self._window_start = current_rss_mb()
 
     def _start(self, key: str) -> float:
         self._charge_peak()
@@ -389,6 +396,18 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def current_rss_mb() -> float:
+    """The resident set size now (VmRSS), or 0 where the OS does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def peak_rss_mb() -> float:
@@ -473,6 +492,11 @@ def measure(args, dtype_name: str, data) -> dict:
               "bookkeeping between stages):")  # fmt: skip
         for key, mb in sorted(timer.peaks.items(), key=lambda kv: -kv[1]):
             print(f"      {key:<22} {mb:7.0f} MB  {mb / model_mb:.2f}x")
+        print("    in time order (RSS as the window opened -> its peak; growth = peak - RSS "
+              "at the start of the run):")  # fmt: skip
+        base = timer.timeline[0][1] if timer.timeline else 0.0
+        for key, opened, peak in timer.timeline:
+            print(f"      {key:<22} {opened:7.0f} -> {peak:7.0f} MB  (+{peak - base:.0f})")
     else:
         print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far, loading included); "
               f"{dtype_name} model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip
