@@ -37,7 +37,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from icl_lens import backend as B
-from icl_lens.checks import FastPathWarning, SelfCheckError, rel_diff, tolerance
+from icl_lens.checks import (
+    FastPathWarning,
+    SelfCheckError,
+    refuse_autocast,
+    rel_diff,
+    tolerance,
+)
 from icl_lens.checks import warn as _warn
 from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
@@ -194,6 +200,7 @@ def capture(
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
+    refuse_autocast("capture")
     record = prompts[0].record if len(prompts) else "label"
     if any(p.record != record for p in prompts):
         raise ValueError("prompts mix recorded positions; build them with one record=...")

@@ -102,6 +102,30 @@ def warn(message: str, category: type[Warning] = FastPathWarning) -> None:
     warnings.warn(message, category, stacklevel=_outside_stacklevel())
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def refuse_autocast(what: str) -> None:
+    """Raise where ``torch.autocast`` is on. Within an autocast block torch keeps one cast of
+    each weight and reuses it, so a weight changed in place inside the block (FT's K/V
+    update) is not seen: the FT records would silently be the ZS ones. Autocast also computes
+    in a dtype other than the model's, from which every self-check derives its tolerance."""
+    on = []
+    for device in _AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(device):
+                on.append(device)
+        except (RuntimeError, TypeError):  # a device type this torch does not know
+            continue
+    if on:
+        raise RuntimeError(
+            f"{what} cannot run under torch.autocast (on for {', '.join(on)}): autocast reuses "
+            "one cast of each weight, so FT's in-place update would be invisible; call it "
+            "outside the autocast block and load the model in the dtype to compute in "
+            "(il.load_model(..., dtype=torch.bfloat16))"
+        )
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype ``model`` computes in: that of its first floating-point parameter (fp32 if
     it has none)."""

@@ -55,7 +55,13 @@ from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
 from icl_lens.capture import Records, capture
-from icl_lens.checks import PrecisionWarning, model_dtype, precision_caveat, warn
+from icl_lens.checks import (
+    PrecisionWarning,
+    model_dtype,
+    precision_caveat,
+    refuse_autocast,
+    warn,
+)
 from icl_lens.data import TaskData, load_task_data, sample_demos
 from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.progress import tqdm
@@ -208,6 +214,7 @@ def run_experiment(
     device type go into the config (and its key: a bfloat16 run is not resumed as a float32
     one) and the provenance. Losses, metrics and bootstrap run in fp32/fp64 whatever the dtype.
     """
+    refuse_autocast("run_experiment")
     model = _model_for(model, dtype, device, progress)
     B.check_model(model)
     git_revision()  # pin the revision of the code now imported (see its docstring)

@@ -34,7 +34,14 @@ from torch.autograd.function import once_differentiable
 
 from icl_lens import backend as B
 from icl_lens.capture import recording_sites
-from icl_lens.checks import PrecisionWarning, master_dtype, model_dtype, tolerance, warn
+from icl_lens.checks import (
+    PrecisionWarning,
+    master_dtype,
+    model_dtype,
+    refuse_autocast,
+    tolerance,
+    warn,
+)
 from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
 
@@ -428,6 +435,7 @@ def finetuned(
     ``state.deltas`` holds every tensor's update (at least fp32).
     """
     _check_args(mode, [lr])
+    refuse_autocast("finetuned")
     sequences = _to_sequences(model, demos, task, tokenizer)
     named = list(params) if params is not None else B.named_kv_parameters(model)
     trained = [p for _, p in named]
@@ -772,6 +780,7 @@ def finetuned_grid(
     ``fast_paths["side_by_side_fallback"]``.
     """
     _check_args(mode, lrs)
+    refuse_autocast("finetuned_grid")
     if not lrs:
         raise ValueError("no learning rates to finetune at; pass at least one")
     sequences = _to_sequences(model, demos, task, tokenizer)

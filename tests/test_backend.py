@@ -84,32 +84,36 @@ def test_gradients_reach_kv_parameters(toy):
 
 
 @pytest.mark.parametrize("positional", ["standard", "rotary"])
-def test_kv_deltas_rows_run_their_own_weights(positional):
-    """Row r of a batched pass under ``kv_deltas`` equals a plain pass with W + Δ[r] put
-    into the model (float64), and gradients reach the deltas."""
+@pytest.mark.parametrize(("rows", "per"), [(3, 1), (1, 3), (3, 2)])
+def test_kv_deltas_rows_run_their_own_weights(positional, rows, per):
+    """Batch row ``b`` of a pass under ``kv_deltas`` (``rows`` deltas, ``per`` sequences each)
+    equals a plain pass of that sequence with W + Δ[b // per] put into the model (float64),
+    and gradients reach the deltas. ``rows=1`` is one delta for the whole batch (the FT
+    captures' case), which runs as one matmul over every row's tokens."""
     model = B.toy_model(2, 32, 4, 40, 64, attn_only=False, seed=1,
                         positional_embedding_type=positional).double()  # fmt: skip
     named = B.named_kv_parameters(model)
     gen = torch.Generator().manual_seed(0)
-    deltas = [0.1 * torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for _, p in named]
-    tokens = torch.randint(0, 40, (1, 9), generator=gen)
+    deltas = [0.1 * torch.randn(rows, *p.shape, generator=gen, dtype=p.dtype) for _, p in named]
+    tokens = torch.randint(0, 40, (rows * per, 9), generator=gen)
     for t in deltas:
         t.requires_grad_(True)
     with B.kv_deltas(model, deltas):
-        batched = model(tokens.expand(3, -1))
+        batched = model(tokens)
     batched.sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in deltas)
     with torch.no_grad():
-        plain = model(tokens)[0]
+        plain = model(tokens)
         originals = [p.clone() for _, p in named]
-        for r in range(3):
+        for b in range(rows * per):
             for (_, p), t in zip(named, deltas, strict=True):
-                p.add_(t[r])
-            torch.testing.assert_close(batched[r], model(tokens)[0], rtol=1e-12, atol=1e-12)
+                p.add_(t[b // per])
+            torch.testing.assert_close(batched[b], model(tokens[b : b + 1])[0], rtol=1e-12,
+                                       atol=1e-12)  # fmt: skip
             for (_, p), o in zip(named, originals, strict=True):
                 p.copy_(o)
-        assert not torch.allclose(batched[0], plain)  # the deltas matter
-        assert torch.equal(model(tokens)[0], plain)  # hooks gone after the block
+        assert not torch.allclose(batched[0], plain[0])  # the deltas matter
+        assert torch.equal(model(tokens), plain)  # hooks gone after the block
     with pytest.raises(ValueError, match="deltas"):
         with B.kv_deltas(model, deltas[:1]):
             pass
