@@ -31,22 +31,26 @@ class PrecisionWarning(UserWarning):
 
 def precision_caveat(dtype: torch.dtype) -> str | None:
     """What is known to differ from fp32 when the model computes in ``dtype`` (None for fp32
-    and fp64). ``analyses/precision_simaou.py --bf16-model`` (Gemma-3-270m, SST-2 seed 0, 64
-    examples; the bf16 model with float32-accumulated matmuls, as bf16 kernels do): bf16's
-    FT update differs from fp32's by a median 0.011 (unit-vector norm) where the update itself
-    is a median 0.065 and a tenth of the entries (the early layers) are below 0.009, so those
-    entries are partly rounding noise, which pulls SimAOU toward 0 (0.149 vs 0.157). The
-    +0.065 that an earlier bf16 run showed was the metrics leaving those entries out (a zero
-    threshold from the model's dtype; now one rule for every dtype), not bf16 arithmetic."""
+    and fp64). ``benchmarks/bench_flops.py --dtypes float32 bfloat16`` (Gemma-3-270m, SST-2
+    seed 0, 500 examples, bf16 kernels on a CPU with AVX512-BF16): SimAOU 0.160 vs 0.165 (CI
+    half-width 0.003), SimAM_Δ +0.004 vs -0.018 (0.0065), the untrained baseline's SimAOU
+    0.366 vs 0.423; accuracies, SimAM and Kendall agree within their CIs. bf16's FT update
+    differs from fp32's by a median 0.011 (unit-vector norm) where the update itself is a
+    median 0.065 and a tenth of the entries (the early layers) are below 0.009, so those
+    entries are partly rounding noise, which pulls SimAOU toward 0
+    (``analyses/precision_simaou.py``). The +0.065 that an earlier bf16 run showed was the
+    metrics leaving those entries out (a zero threshold from the model's dtype; now one rule
+    for every dtype), not bf16 arithmetic."""
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     name = str(dtype).removeprefix("torch.")
     return (
         f"{name}: FT's small early-layer updates are partly rounding noise in half precision, "
-        "which pulls SimAOU and its baselines toward 0 (Gemma-3-270m SST-2 seed 0, bf16: SimAOU "
-        "0.149 vs float32 0.157 on 64 examples); the untrained-model baseline's FT, chaotic in "
-        "any precision, moves further; cross-check SimAOU with a float32 run before reading "
-        "small differences"
+        "which pulls SimAOU and its baselines toward 0 and moves SimAM_Δ (Gemma-3-270m SST-2 "
+        "seed 0, 500 examples, bf16 vs float32: SimAOU 0.160 vs 0.165, CI half-width 0.003; "
+        "SimAM_Δ +0.004 vs -0.018, 0.0065); the untrained-model baseline's FT, chaotic in any "
+        "precision, moves further; cross-check these with a float32 run before reading small "
+        "differences"
     )
 
 

@@ -177,6 +177,7 @@ class ExperimentConfig:
             fields.pop("patch_examples", None)
         if self.dtype in ("bfloat16", "float16"):  # not resumed from a half-precision file made
             fields["undefined_rule"] = "float32 records"  # before one zero rule held for all
+            fields["ft_train_dtype"] = "float32"  # nor from one whose FT trained in its dtype
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,9 @@ from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
 
 MODES = ("standard", "layer_causal")
+# what FT's training computes in: float32 (a half-precision model is converted for the training
+# and gets its own tensors back after), or the model's own dtype (no float32 copy in memory)
+TRAIN_DTYPES = ("float32", "model")
 VOCAB_CHUNK = 2048  # unembedding columns per step of the loss's vocabulary pass (~5 MB fp32)
 
 
@@ -387,6 +390,21 @@ def _restoring(model: nn.Module, trained: Sequence[Tensor]) -> Iterator[list[Ten
 
 
 @contextmanager
+def _train_precision(model: nn.Module, train_dtype: str, states) -> Iterator[None]:
+    """The block (FT's training) computes in float32 for ``train_dtype="float32"`` (a
+    half-precision model is converted and gets its own tensors back, ``full_precision``),
+    else in the model's dtype; what ran goes into each of ``states``' ``fast_paths`` (a
+    callable returning them: the grid's states exist only after training)."""
+    own = str(model_dtype(model)).removeprefix("torch.")
+    with B.full_precision(model) if train_dtype == "float32" else nullcontext() as converted:
+        yield
+    ran = "float32" if converted else own
+    for state in states() if callable(states) else states:
+        state.fast_paths["train_dtype"] = {"computed_in": ran, "model_dtype": own,
+                                           "asked": train_dtype}  # fmt: skip
+
+
+@contextmanager
 def _training(model: nn.Module) -> Iterator[None]:
     """Gradients on for the block; every parameter's ``requires_grad`` (which training sets to
     train only the K/V tensors) is put back on exit, even on errors."""
@@ -404,9 +422,11 @@ def _token_demo(sequences: Sequence[list[int]]) -> Tensor:
     return torch.tensor([step for step, seq in enumerate(sequences) for _ in range(len(seq) - 1)])
 
 
-def _check_args(mode: str, lrs: Sequence[float]) -> None:
+def _check_args(mode: str, lrs: Sequence[float], train_dtype: str = "float32") -> None:
     if mode not in MODES:
         raise ValueError(f"unknown finetune mode {mode!r}; use one of {MODES}")
+    if train_dtype not in TRAIN_DTYPES:
+        raise ValueError(f"unknown train_dtype {train_dtype!r}; use one of {TRAIN_DTYPES}")
     for lr in lrs:
         if not (lr > 0):
             raise ValueError(f"learning rate must be positive, got {lr}")
@@ -424,6 +444,7 @@ def finetuned(
     params: Sequence[tuple[str, nn.Parameter]] | None = None,
     record_queries: bool = True,
     progress: bool = False,
+    train_dtype: str = "float32",
 ) -> Iterator[FTState]:
     """Inside the block, ``model`` is the finetuned model; on exit it is restored bit for bit.
 
@@ -432,16 +453,22 @@ def finetuned(
     an exception or KeyboardInterrupt; only the trained tensors' originals are kept. For a
     half-precision tensor SGD steps an fp32 master delta, and inside the block the update is
     added to the K/V activations rather than lost to round(W + delta) (``_update_applied``);
-    ``state.deltas`` holds every tensor's update (at least fp32).
+    ``state.deltas`` holds every tensor's update (at least fp32). ``train_dtype="float32"``
+    (default) trains a half-precision model in float32 (``backend.full_precision``: an exact
+    float32 copy for the training, the model's own tensors back after), because bf16's
+    backward pass moves the update by a few percent, enough to shift SimAOU beyond its CI
+    (Gemma-3-270m SST-2, 64 examples: bf16-trained 0.152, float32-trained 0.160, float32
+    model 0.157; ``README``, Half precision); ``"model"`` trains in the model's dtype (no
+    float32 copy in memory).
     """
-    _check_args(mode, [lr])
+    _check_args(mode, [lr], train_dtype)
     refuse_autocast("finetuned")
     sequences = _to_sequences(model, demos, task, tokenizer)
     named = list(params) if params is not None else B.named_kv_parameters(model)
     trained = [p for _, p in named]
     state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
     with _restoring(model, trained) as originals:
-        with _training(model):
+        with _training(model), _train_precision(model, train_dtype, [state]):
             _train(model, sequences, trained, state, record_queries, progress, originals)
         with _update_applied(model, named, originals, state.deltas, state.fast_paths):
             yield state
@@ -762,6 +789,7 @@ def finetuned_grid(
     record_queries: bool = True,
     side_by_side: bool | None = None,
     progress: bool = False,
+    train_dtype: str = "float32",
 ) -> Iterator[FTGrid]:
     """The paper's FT at every rate of ``lrs``, trained side by side: each step runs one
     batch with a row per rate (per-row K/V deltas, ``backend.kv_deltas``), so the shared
@@ -777,9 +805,9 @@ def finetuned_grid(
     ``grid.diverged``; the others go on. ``side_by_side=None`` uses it when the model supports
     it and it passes its step-0 check, else trains each rate in place when it is applied,
     with a ``FastPathWarning``; why is in ``grid.fallback`` and every state's
-    ``fast_paths["side_by_side_fallback"]``.
+    ``fast_paths["side_by_side_fallback"]``. ``train_dtype`` as in ``finetuned``.
     """
-    _check_args(mode, lrs)
+    _check_args(mode, lrs, train_dtype)
     refuse_autocast("finetuned_grid")
     if not lrs:
         raise ValueError("no learning rates to finetune at; pass at least one")
@@ -790,7 +818,7 @@ def finetuned_grid(
 
     def run_one(lr):
         return finetuned(model, sequences, lr, mode=mode, record_queries=record_queries,
-                         progress=progress)  # fmt: skip
+                         progress=progress, train_dtype=train_dtype)  # fmt: skip
 
     if side_by_side is False or len(rates) == 1:
         yield FTGrid(model, rates, named, None, run_one)
@@ -799,7 +827,8 @@ def finetuned_grid(
     with _restoring(model, trained) as originals:
         grid = FTGrid(model, rates, named, originals, None)
         try:
-            with _training(model):
+            with _training(model), _train_precision(model, train_dtype,
+                                                    lambda: grid.states.values()):  # fmt: skip
                 _train_side_by_side(model, sequences, grid, mode, record_queries, progress)
         except NotImplementedError as e:
             if side_by_side:

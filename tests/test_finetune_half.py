@@ -110,22 +110,30 @@ DEMOS = [
 ]
 
 
-def _in_place(model, mode: str, demos=DEMOS) -> list[torch.Tensor]:
-    with finetuned(model, demos, LR, mode=mode) as state:
+def _in_place(model, mode: str, demos=DEMOS, train_dtype="model") -> list[torch.Tensor]:
+    """FT's deltas; ``train_dtype="model"`` (the default here) trains in the model's own
+    dtype, which is what the half-precision machinery (masters, dtype-derived checks) is for."""
+    with finetuned(model, demos, LR, mode=mode, train_dtype=train_dtype) as state:
         deltas = [d.clone() for d in state.deltas]
         assert all(d.dtype == torch.promote_types(p.dtype, torch.float32)
                    for d, p in zip(deltas, B.kv_parameters(model), strict=True))  # fmt: skip
-        assert state.fast_paths["fp32_master_deltas"] == (B.kv_parameters(model)[0].dtype
-                                                          in HALF)  # fmt: skip
+        half = B.kv_parameters(model)[0].dtype in HALF
+        assert state.fast_paths["fp32_master_deltas"] == (half and train_dtype == "model")
+        assert state.fast_paths["train_dtype"]["computed_in"] == (
+            str(B.kv_parameters(model)[0].dtype).removeprefix("torch.")
+            if train_dtype == "model"
+            else "float32"
+        )
     return deltas
 
 
-def _side_by_side(model, mode: str) -> list[torch.Tensor]:
-    with finetuned_grid(model, DEMOS, [LR, 3 * LR], mode=mode) as grid:
+def _side_by_side(model, mode: str, train_dtype="model") -> list[torch.Tensor]:
+    with finetuned_grid(model, DEMOS, [LR, 3 * LR], mode=mode, train_dtype=train_dtype) as grid:
         assert grid._run_one is None and grid.fallback is None  # really side by side
         with grid.applied(LR) as state:
             check = state.fast_paths["side_by_side_check"]
-            assert check["tolerance"] == tolerance(B.kv_parameters(model)[0].dtype)
+            computed = B.kv_parameters(model)[0].dtype if train_dtype == "model" else torch.float32
+            assert check["tolerance"] == tolerance(computed)
             return [d.clone() for d in state.deltas]
 
 
@@ -166,10 +174,27 @@ def test_half_precision_ft_update_matches_fp32(load, reference, arch, dtype):
     deltas) is within 2% (L2) of the fp32 run's, or within 2x of the floor the dtype's own
     gradients set where that is larger (bf16 on Gemma-3)."""
     model, ref = load(arch, dtype), reference(arch)
-    floor = rel_l2(first_step_updates(model, DEMOS, LR), ref["linear"])
+    floor = rel_l2(first_step_updates(model, DEMOS, LR, train_dtype="model"), ref["linear"])
     for mode in ("standard", "layer_causal"):
         _check(arch, dtype, f"in place {mode}", _in_place(model, mode), ref[mode], floor)
         _check(arch, dtype, f"side by side {mode}", _side_by_side(model, mode), ref[mode], floor)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_model_trains_in_float32_by_default(load, reference, arch, dtype):
+    """By default FT trains a half-precision model in float32 (an exact copy of its weights,
+    which ``round_to_halves`` made equal to the fp32 model's), so its update is the fp32
+    model's to float32 rounding, far inside the half-precision floor; the model computes in
+    its own dtype again afterwards."""
+    model, ref = load(arch, dtype), reference(arch)
+    for mode in ("standard", "layer_causal"):
+        for how, got in (("in place", _in_place(model, mode, train_dtype="float32")),
+                         ("side by side", _side_by_side(model, mode, "float32"))):  # fmt: skip
+            err = rel_l2(got, ref[mode])
+            print(f"FT update vs fp32, trained in float32: {arch} {dtype} {how} {mode}: {err:.2e}")
+            assert err <= 1e-4, (arch, dtype, how, mode, err)
+    assert all(p.dtype == dtype for p in B.kv_parameters(model))
 
 
 def _snapshot(model):
@@ -226,11 +251,11 @@ def test_half_precision_fast_paths_pass_their_checks_without_falling_back(load):
     model = load("llama", torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastPathWarning)
-        with finetuned(model, DEMOS[:2], LR, mode="layer_causal") as state:
+        with finetuned(model, DEMOS[:2], LR, mode="layer_causal", train_dtype="model") as state:
             check = state.fast_paths["one_pass_vocabulary_check"]
             assert check["ok"] and check["tolerance"] == tolerance(torch.bfloat16)
             assert 0 < check["loss_rel_diff"] < check["tolerance"]
-        with finetuned_grid(model, DEMOS[:2], [LR, 2 * LR]) as grid:
+        with finetuned_grid(model, DEMOS[:2], [LR, 2 * LR], train_dtype="model") as grid:
             assert grid.fallback is None and grid.states[LR].fast_paths["side_by_side"]
 
 
@@ -392,7 +417,8 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
                                                     n_boot=50, batch_size=4).key()  # fmt: skip
     ft = prov["fast_paths"]["ft"]
     assert ft["side_by_side"] is True and "side_by_side_fallback" not in ft
-    assert ft["fp32_master_deltas"] is True
+    assert ft["train_dtype"] == {"computed_in": "float32", "model_dtype": "bfloat16",
+                                 "asked": "float32"}  # fmt: skip
     f = res.to_frame()
     have = set(zip(f.metric, f.variant, strict=True))
     for variant in ("uniform", "gaussian", "untrained", "ft_shuffled", "ft_layer_causal", "ft"):

@@ -42,6 +42,7 @@ from icl_lens.backend.common import (  # noqa: F401
     dims,
     final_norm_hook_name,
     frozen_norm_linear,
+    full_precision,
     hook_name,
     input_device,
     installed,

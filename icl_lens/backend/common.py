@@ -257,6 +257,37 @@ def kv_deltas(model: nn.Module, deltas: Sequence[Tensor]) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def full_precision(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the block ``model`` computes in float32: every bf16/fp16 parameter and buffer
+    holds a float32 copy of itself (exact), and the config's ``dtype`` says float32 (TL reads
+    it, e.g. to cast attention patterns). On exit each tensor gets its own storage back, the
+    very tensor it had, so the model is restored bit for bit whatever the block did to the
+    copies. Yields the parameters that were converted (none for a full-precision model)."""
+    half = (torch.float16, torch.bfloat16)
+    params = [p for p in model.parameters() if p.dtype in half]
+    buffers = [b for b in model.buffers() if b.dtype in half]
+    if not params and not buffers:
+        yield []
+        return
+    saved = [t.data for t in params + buffers]
+    cfg = getattr(model, "cfg", None)
+    had_dtype = cfg is not None and hasattr(cfg, "dtype")
+    old_dtype = cfg.dtype if had_dtype else None
+    try:
+        with torch.no_grad():
+            for t in params + buffers:
+                t.data = t.data.float()
+        if had_dtype:
+            cfg.dtype = torch.float32
+        yield params
+    finally:
+        for t, data in zip(params + buffers, saved, strict=True):
+            t.data = data
+        if had_dtype:
+            cfg.dtype = old_dtype
+
+
 def _row_term(x: Tensor, w: Tensor | None, b: Tensor | None, eq: str) -> Tensor:
     """Σ_in x·w (+ b) per batch row, with ``x``'s batch = delta rows × per-row copies."""
     rows = (w if w is not None else b).shape[0]
