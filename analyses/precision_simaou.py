@@ -23,8 +23,10 @@ For each it prints the mean SimAOU (as run_experiment: per example over layers, 
 examples) and the shared-origin null; then SimAOU with ZS, ICL and FT taken from different
 variants (is it the origin's rounding, shared by both updates?); and the sizes: mean |hat(a) -
 hat(b)| of each update and of each record's difference from float32. ``--real`` also runs a
-true bf16 model (needs a CPU with fast bf16 matmuls; not yet run: the CPU this was written on
-ran bf16 matmuls at 0.5 GFLOP/s). ``--bf16-model`` runs the bf16 model as ``--real`` does
+true bf16 model (needs fast bf16 matmuls: AVX512-BF16/AMX or a GPU), twice: FT trained in bf16
+(``train_dtype="model"``, as every variant here) and in float32 (``finetuned``'s default for
+half-precision models). The "mixed" table then says which record carries bf16's shift.
+``--bf16-model`` runs the bf16 model as ``--real`` does
 (bf16 weights, every elementwise op, norm, softmax, residual add and FT's backward in bf16),
 but each matmul-class op (linear, matmul, bmm, einsum, SDPA) takes its bf16 inputs exactly in
 float32, accumulates there and rounds its output to bf16: what bf16 GEMM kernels do on
@@ -340,7 +342,13 @@ def main(argv=None) -> None:
         with _rounded_activations(m) if acts else nullcontext():
             return il.capture(m, prompts, ids, cond, progress=False).attn_out
 
-    def three(m, write: str | None = None, acts: bool = False, train_acts: bool = False):
+    def three(
+        m,
+        write: str | None = None,
+        acts: bool = False,
+        train_acts: bool = False,
+        train_dtype: str = "model",
+    ):
         """ZS, ICL, FT records of ``m`` as it stands. FT's update is the trained weights
         (``write=None``), round_bf16(W + delta) (``"round"``), or W with ``x delta^T`` added to
         the K/V projections' outputs (``"hooks"``, backend.kv_deltas). ``acts``: activations
@@ -349,7 +357,8 @@ def main(argv=None) -> None:
         zs, icl = cap(m, zs_p, "zs", acts), cap(m, icl_p, "icl", acts)
         params = [p for _, p in B.named_kv_parameters(m)]
         orig = [p.detach().clone() for p in params]
-        ft_block = il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok)
+        ft_block = il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok,
+                                train_dtype=train_dtype)  # fmt: skip
         with _rounded_activations(m) if train_acts else nullcontext():
             st = ft_block.__enter__()  # trains; the block's body below rounds only if acts
         try:
@@ -376,7 +385,10 @@ def main(argv=None) -> None:
                 runs[name] = three(model, **kw)
     if args.real:
         print("bf16 (real)", flush=True)
-        runs["bf16"] = three(il.load_model(args.model, dtype=BF16, progress=False))
+        bf16_model = il.load_model(args.model, dtype=BF16, progress=False)
+        runs["bf16"] = three(bf16_model)
+        print("bf16 (real), FT trained in float32 (finetuned's default)", flush=True)
+        runs["bf16, FT in float32"] = three(bf16_model, train_dtype="float32")
     if args.bf16_model:
         print("bf16 model, matmuls accumulated in fp32", flush=True)
         bf16_model = il.load_model(args.model, dtype=BF16, progress=False)
@@ -398,9 +410,12 @@ def main(argv=None) -> None:
         }
     # which record's rounding moves it? ZS, ICL, FT each from fp32 or the most rounded variant
     last = "bf16" if "bf16" in runs else list(runs)[-1]
-    for z, i, f in itertools.product(("fp32", last), repeat=3):
-        mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
-        out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
+    for other in (last, "bf16, FT in float32"):
+        if other not in runs:
+            continue
+        for z, i, f in itertools.product(("fp32", other), repeat=3):
+            mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
+            out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
     if last in ("bf16", "bf16 (fp32 matmuls)"):  # a bf16 model's records
         out["zero_tolerance"] = _tolerance_report(runs[last], ref)
     out["seconds"] = round(time.perf_counter() - t0, 1)

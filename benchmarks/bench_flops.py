@@ -52,7 +52,7 @@ import torch
 from icl_lens import backend as B
 from icl_lens import experiment as E
 from icl_lens import finetune as F
-from icl_lens.checks import model_dtype
+from icl_lens.checks import master_dtype, model_dtype
 from icl_lens.data import load_task_data
 from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
@@ -258,9 +258,12 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
     each stage's non-embedding FLOPs at one block's weight matmuls with that stage's row count,
     its vocabulary FLOPs at the one-pass vocabulary product's rate. No attention scores, norms,
     activations or memory traffic besides the matmuls' own: no implementation can be faster
-    with these matmul kernels, so ``floor / bound`` is what this machine allows."""
+    with these matmul kernels, so ``floor / bound`` is what this machine allows. FT's stages
+    are measured in the dtype FT trains in (float32 for a half-precision model by default)."""
     shapes = layer_matmul_shapes(model)
     dtype = model_dtype(model)
+    train_fp32 = cfg.get("ft_train_dtype", "float32") == "float32"
+    ft_dtype = master_dtype(dtype) if train_fp32 else dtype
     tok, runs, n_layers = need["tokens"], need["runs"], B.dims(model).n_layers
     n_eval, batch_size = need["n_eval"], cfg["batch_size"]
     train_len = max(1, round(tok["train"] / max(1, need["demos"])))
@@ -285,8 +288,9 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
         for count, rows in ((grouped, grid_rows * train_len), (n_runs - grouped, train_len)):
             if count:
                 v_rows = rows * (n_layers if lc else 1)
-                seconds += count * per_run / (block_rate(shapes, rows, True, dtype=dtype) * 1e9)
-                seconds += count * per_run_v / (vocab_rate(model, v_rows) * 1e9)
+                seconds += count * per_run / (block_rate(shapes, rows, True, dtype=ft_dtype) * 1e9)
+                with B.full_precision(model) if train_fp32 else contextlib.nullcontext():
+                    seconds += count * per_run_v / (vocab_rate(model, v_rows) * 1e9)
         floor[key] = seconds
     return floor
 
@@ -501,11 +505,13 @@ def measure(args, dtype_name: str, data) -> dict:
         print(f"(b) peak RSS {rss_mb:.0f} MB (of the process so far, loading included); "
               f"{dtype_name} model {model_mb:.0f} MB: {rss_mb / model_mb:.2f}x")  # fmt: skip
     cfg = res.runs[0].provenance["config"]
+    trained_in = res.runs[0].provenance["fast_paths"]["ft"].get("train_dtype", {})
+    ft_name = trained_in.get("computed_in", dtype_name)
     floor = matmul_floor(model, need, cfg, timer.grid_rows)
     total = sum(floor.values())
     print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
           f"(each FLOP above at the {dtype_name} rate measured for its own matmul "
-          "shapes)")  # fmt: skip
+          f"shapes; FT's at the {ft_name} rate, the dtype it trains in)")  # fmt: skip
     print(f"    wall / floor {wall / total:.2f}x (what the implementation adds); by stage:")
     for key, seconds in sorted(floor.items()):
         print(f"      {key:<22} floor {seconds:6.1f}s  wall {timer.seconds.get(key, 0.0):6.1f}s")

@@ -32,23 +32,23 @@ class PrecisionWarning(UserWarning):
 def precision_caveat(dtype: torch.dtype) -> str | None:
     """What is known to differ from fp32 when the model computes in ``dtype`` (None for fp32
     and fp64). ``benchmarks/bench_flops.py --dtypes float32 bfloat16`` (Gemma-3-270m, SST-2
-    seed 0, 500 examples, bf16 kernels on a CPU with AVX512-BF16): SimAOU 0.160 vs 0.165 (CI
-    half-width 0.003), SimAM_Δ +0.004 vs -0.018 (0.0065), the untrained baseline's SimAOU
-    0.366 vs 0.423; accuracies, SimAM and Kendall agree within their CIs. bf16's FT update
-    differs from fp32's by a median 0.011 (unit-vector norm) where the update itself is a
-    median 0.065 and a tenth of the entries (the early layers) are below 0.009, so those
-    entries are partly rounding noise, which pulls SimAOU toward 0
-    (``analyses/precision_simaou.py``). The +0.065 that an earlier bf16 run showed was the
-    metrics leaving those entries out (a zero threshold from the model's dtype; now one rule
-    for every dtype), not bf16 arithmetic."""
+    seed 0, 500 examples, bf16 kernels on a CPU with AVX512-BF16, FT trained in float32):
+    SimAOU 0.158 vs 0.165 (CI half-width 0.003), SimAM_Δ -0.006 vs -0.018 (0.0065), the
+    untrained baseline's SimAOU 0.389 vs 0.423; accuracies, SimAM, Kendall and layer-causal
+    SimAOU agree within their CIs. FT's updates are small in the early layers (a tenth of the
+    (example, layer) entries below 0.009 in unit-vector norm), where bf16's forward rounding
+    is a sizeable part of them, which pulls SimAOU toward 0 (``analyses/precision_simaou.py``).
+    The +0.065 that an earlier bf16 run showed was the metrics leaving those entries out (a
+    zero threshold from the model's dtype; now one rule for every dtype), not bf16
+    arithmetic."""
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     name = str(dtype).removeprefix("torch.")
     return (
         f"{name}: FT's small early-layer updates are partly rounding noise in half precision, "
         "which pulls SimAOU and its baselines toward 0 and moves SimAM_Δ (Gemma-3-270m SST-2 "
-        "seed 0, 500 examples, bf16 vs float32: SimAOU 0.160 vs 0.165, CI half-width 0.003; "
-        "SimAM_Δ +0.004 vs -0.018, 0.0065); the untrained-model baseline's FT, chaotic in any "
+        "seed 0, 500 examples, bf16 vs float32: SimAOU 0.158 vs 0.165, CI half-width 0.003; "
+        "SimAM_Δ -0.006 vs -0.018, 0.0065); the untrained-model baseline's FT, chaotic in any "
         "precision, moves further; cross-check these with a float32 run before reading small "
         "differences"
     )

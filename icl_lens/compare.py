@@ -56,7 +56,7 @@ _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks", "patching", "patch_e
 # fields added later, and what a file without them ran with (older files ran fp32 on the CPU,
 # reported every layer, no patching); experiment._KEY_DEFAULTS must be a subset (a test says so)
 _CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
-                    "patch_examples": 64}  # fmt: skip
+                    "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
 # headline metrics at the other recording sites (experiment.SITES): results made before those
 # were recorded lack them, which is noted as such, not as a difference

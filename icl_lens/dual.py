@@ -320,6 +320,7 @@ def dual_analysis(
     scaled: bool = True,
     seed: int = 0,
     progress: bool = False,
+    train_dtype: str = "float32",
 ) -> DualAnalysis:
     """Compare ΔW_ICL with ΔW_FT per (example, layer, head), with random baselines.
 
@@ -344,7 +345,8 @@ def dual_analysis(
     bar = dict(disable=not progress)
     icl = [dual_form(model, p, **kw) for p in tqdm(prompts_icl, desc="dual ICL", **bar)]
     zs = [dual_form(model, p, **kw) for p in tqdm(prompts_zs, desc="dual ZS", **bar)]
-    ft_kw = dict(mode=mode, task=task, tokenizer=tokenizer, record_queries=False)
+    ft_kw = dict(mode=mode, task=task, tokenizer=tokenizer, record_queries=False,
+                 train_dtype=train_dtype)  # fmt: skip
     kv = B.kv_parameters(model)
     kv0 = [p.detach().clone() for p in kv]
     with finetuned(model, demos, lr, **ft_kw) as state:

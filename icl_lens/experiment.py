@@ -63,7 +63,7 @@ from icl_lens.checks import (
     warn,
 )
 from icl_lens.data import TaskData, load_task_data, sample_demos
-from icl_lens.finetune import FinetuneDivergedError, finetuned, finetuned_grid
+from icl_lens.finetune import TRAIN_DTYPES, FinetuneDivergedError, finetuned, finetuned_grid
 from icl_lens.progress import tqdm
 from icl_lens.results import Results, RunResult, atomic_write_json
 from icl_lens.tasks import Example, TaskSpec, build_prompt, fit_demos, get_task, label_token_ids
@@ -83,7 +83,7 @@ _NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
 # Left out of ``key()`` at these values only (so the keys of results made before these fields
 # existed, all fp32 on the CPU, stay valid); any other value is part of the key.
 _KEY_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
-                 "patch_examples": 64}  # fmt: skip
+                 "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -114,6 +114,10 @@ class ExperimentConfig:
     # half-precision run's numbers differ from fp32's, so they are part of the key.
     dtype: str = "float32"
     device: str = "cpu"  # the device type ("cpu", "cuda", ...), not its index
+    # What FT's training computes in (``finetune.TRAIN_DTYPES``): "float32" (a half-precision
+    # model trains on an exact float32 copy of itself), or "model" (its own dtype: no float32
+    # copy in memory, but bf16's backward is a few percent off; README, Half precision).
+    ft_train_dtype: str = "float32"
     # The layers whose per-layer metrics are reported, and that the "mean" row averages
     # (None: all). Every layer is still run and FT still trains every layer's K/V: this
     # chooses what is analysed, not the protocol.
@@ -151,6 +155,10 @@ class ExperimentConfig:
             raise ValueError("give lr=... or a non-empty lr_grid to choose it from")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
+        if self.ft_train_dtype not in TRAIN_DTYPES:
+            raise ValueError(
+                f"ft_train_dtype must be one of {TRAIN_DTYPES} (got {self.ft_train_dtype!r})"
+            )
         if self.layers is not None:
             if not self.layers or any(int(x) != x or x < 0 for x in self.layers):
                 raise ValueError(
@@ -177,7 +185,9 @@ class ExperimentConfig:
             fields.pop("patch_examples", None)
         if self.dtype in ("bfloat16", "float16"):  # not resumed from a half-precision file made
             fields["undefined_rule"] = "float32 records"  # before one zero rule held for all
-            fields["ft_train_dtype"] = "float32"  # nor from one whose FT trained in its dtype
+            fields["ft_train_dtype"] = self.ft_train_dtype  # nor across what FT trained in
+        else:  # a full-precision model trains in its own precision either way
+            fields.pop("ft_train_dtype", None)
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -589,6 +599,7 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     held_acc: dict[float, float] = {}
     # every grid rate trains side by side (one batch row each), then is applied in turn
     with finetuned_grid(model, demos, grid, task=spec, tokenizer=tok, mode=cfg.ft_mode,
+                        train_dtype=cfg.ft_train_dtype,
                         progress=progress) as ft_grid:  # fmt: skip
         for g in tqdm(grid, desc="FT learning rates", disable=not progress, leave=False):
             try:
@@ -628,7 +639,8 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     extra: dict[str, Records] = {}
     if "layer_causal" in cfg.baselines:
         with _baseline_ft(ctx, "ft_layer_causal", lr):
-            with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal") as st:
+            with finetuned(model, demos, lr, task=spec, tokenizer=tok, mode="layer_causal",
+                           train_dtype=cfg.ft_train_dtype) as st:  # fmt: skip
                 extra["ft_layer_causal"] = run(model, zs_prompts, "ft")
             _similarities(ctx, zs, icl, extra["ft_layer_causal"], st, "ft_layer_causal", lr)
             _loss_rise(ctx, "ft_layer_causal", st)
@@ -636,7 +648,8 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     if "shuffled" in cfg.baselines and len({x.label for x in demos}) > 1:
         shuffled = shuffle_labels(demos, seed)
         with _baseline_ft(ctx, "ft_shuffled", lr):
-            with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode) as st:
+            with finetuned(model, shuffled, lr, task=spec, tokenizer=tok, mode=cfg.ft_mode,
+                           train_dtype=cfg.ft_train_dtype) as st:  # fmt: skip
                 extra["ft_shuffled"] = run(model, zs_prompts, "ft")
             _similarities(ctx, zs, icl, extra["ft_shuffled"], st, "ft_shuffled", lr)
             _loss_rise(ctx, "ft_shuffled", st)
@@ -942,7 +955,8 @@ def _untrained(ctx, model, seed, demos, spec, tok, zs_prompts, icl_prompts, lr, 
     """The whole protocol with attention/MLP re-initialised (Deutch et al.), in place."""
     with untrained(model, seed) as base:
         zs, icl = run(base, zs_prompts, "zs"), run(base, icl_prompts, "icl")
-        with finetuned(base, demos, lr, task=spec, tokenizer=tok, mode=ctx.cfg.ft_mode) as st:
+        with finetuned(base, demos, lr, task=spec, tokenizer=tok, mode=ctx.cfg.ft_mode,
+                       train_dtype=ctx.cfg.ft_train_dtype) as st:  # fmt: skip
             ft = run(base, zs_prompts, "ft")
     _similarities(ctx, zs, icl, ft, st, "untrained", lr)
     _loss_rise(ctx, "untrained", st)
@@ -967,7 +981,7 @@ def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress, shuff
             rec = circuit_records(model, data, ctx.seed, lr=lr, n_eval=cfg.patch_examples,
                                   demos=demos, tokenizer=tok, sites=("residual",),
                                   mode=cfg.ft_mode, shuffled=shuffled, batch_size=cfg.batch_size,
-                                  progress=progress)  # fmt: skip
+                                  progress=progress, train_dtype=cfg.ft_train_dtype)  # fmt: skip
             res = patch_curves(model, rec, layers=cfg.layers, n_boot=cfg.n_boot,
                                batch_size=cfg.batch_size, progress=progress)  # fmt: skip
         except FinetuneDivergedError as e:
@@ -1013,7 +1027,8 @@ def _dual(ctx, model, icl_prompts, zs_prompts, demos, lr, spec, tok) -> None:
     from icl_lens import dual
 
     out = dual.dual_analysis(model, icl_prompts, zs_prompts, demos, lr, spec, tok,
-                             mode=ctx.cfg.ft_mode, seed=ctx.seed)  # fmt: skip
+                             mode=ctx.cfg.ft_mode, seed=ctx.seed,
+                             train_dtype=ctx.cfg.ft_train_dtype)  # fmt: skip
     for name, per in out.items():
         if per.ndim == 3:  # [example, layer, head]
             ctx.add_layered(f"dual_{name}", "dual", per.double().nanmean(-1),

@@ -455,11 +455,11 @@ def finetuned(
     added to the K/V activations rather than lost to round(W + delta) (``_update_applied``);
     ``state.deltas`` holds every tensor's update (at least fp32). ``train_dtype="float32"``
     (default) trains a half-precision model in float32 (``backend.full_precision``: an exact
-    float32 copy for the training, the model's own tensors back after), because bf16's
-    backward pass moves the update by a few percent, enough to shift SimAOU beyond its CI
-    (Gemma-3-270m SST-2, 64 examples: bf16-trained 0.152, float32-trained 0.160, float32
-    model 0.157; ``README``, Half precision); ``"model"`` trains in the model's dtype (no
-    float32 copy in memory).
+    float32 copy for the training, the model's own tensors back after): bf16's own backward
+    pass is a few percent off fp32's (3.5% of the update on Gemma-3-270m, SST-2), and its
+    updates move SimAM_Δ and the FT baselines further from fp32 than float32-trained ones
+    (``README``, Half precision). ``"model"`` trains in the model's dtype with fp32 master
+    deltas (no float32 copy of the model in memory).
     """
     _check_args(mode, [lr], train_dtype)
     refuse_autocast("finetuned")

@@ -462,6 +462,11 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
               and E._KEY_DEFAULTS.get(k, object()) != v}  # fmt: skip
     blob = json.dumps(before, sort_keys=True, default=list)
     assert bf16.key() != hashlib.sha256(blob.encode()).hexdigest()[:12]
+    # what FT trained in: part of a half-precision key, moot (and left out) in float32
+    assert E.ExperimentConfig(ft_train_dtype="model").key() == cfg.key()
+    assert E.ExperimentConfig(dtype="bfloat16", ft_train_dtype="model").key() != bf16.key()
+    with pytest.raises(ValueError, match="ft_train_dtype must be one of"):
+        E.ExperimentConfig(ft_train_dtype="bfloat16")
     assert E.ExperimentConfig(device="cuda").key() != cfg.key()
     with pytest.raises(ValueError, match="dtype"):
         E.ExperimentConfig(dtype="int8")

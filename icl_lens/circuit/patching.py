@@ -321,7 +321,7 @@ def _run_state(model: nn.Module, records: CircuitRecords, base_cond: str) -> Ite
         return
     r = records
     with finetuned(model, r.demos, r.lr, mode=r.mode, task=r.task, tokenizer=r.tokenizer,
-                   record_queries=False):  # fmt: skip
+                   record_queries=False, train_dtype=r.train_dtype):  # fmt: skip
         yield
 
 

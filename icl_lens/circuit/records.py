@@ -127,6 +127,7 @@ class CircuitRecords:
     ft_state: FTState = field(repr=False)
     tokenizer: Any = field(repr=False)
     info: dict = field(default_factory=dict)  # architecture, backend, hooks read per site
+    train_dtype: str = "float32"  # what FT's training computed in (``finetuned``)
 
     def __getitem__(self, condition: str) -> ConditionRecords:
         if condition not in CONDITIONS or getattr(self, condition) is None:
@@ -182,6 +183,7 @@ def circuit_records(
     batch_size: int = 8,
     progress: bool = False,
     demos: Sequence[Example] | None = None,
+    train_dtype: str = "float32",
 ) -> CircuitRecords:
     """ZS, ICL and FT (and shuffled-label FT) records of one seed at the named ``sites``.
 
@@ -221,7 +223,7 @@ def circuit_records(
     zs = _record(model, zs_prompts, "zs", **run)
     icl = _record(model, icl_prompts, "icl", demo=True, **run)
     bar.update(2)
-    ft_kw = dict(mode=mode, task=spec, tokenizer=tok)
+    ft_kw = dict(mode=mode, task=spec, tokenizer=tok, train_dtype=train_dtype)
     with finetuned(model, demos, lr, **ft_kw) as state:
         ft = _record(model, zs_prompts, "ft", **run)
     bar.update(1)
@@ -253,6 +255,7 @@ def circuit_records(
         seed=int(seed),
         lr=float(lr),
         mode=mode,
+        train_dtype=train_dtype,
         record=record,
         sites=sites,
         readout=readout,

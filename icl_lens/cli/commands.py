@@ -58,6 +58,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         record=args.record,
         lr=args.lr,
+        ft_train_dtype=args.ft_train_dtype,
     )
     if args.lr_grid:
         config["lr_grid"] = tuple(args.lr_grid)

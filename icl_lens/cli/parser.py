@@ -192,9 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default="float32",
-        help="the model's dtype (default float32). FT keeps fp32 master copies of its K/V "
-        "updates and the metrics run in fp32/fp64 whatever this is; the self-checks' "
+        help="the model's dtype (default float32). FT trains in float32 (see --ft-train-dtype) "
+        "and the metrics run in fp32/fp64 whatever this is; the self-checks' "
         "tolerances follow it. A non-default dtype writes to OUT/<model>-<dtype>/",
+    )
+    rep.add_argument(
+        "--ft-train-dtype",
+        choices=("float32", "model"),
+        default="float32",
+        help="what FT's training computes in for a bf16/fp16 model: float32 (default; an exact "
+        "float32 copy of the model during training, restored after) or model (its own dtype, "
+        "with fp32 master deltas: less memory, but bf16's gradients are a few percent off)",
     )
     rep.add_argument(
         "--device",
