@@ -189,8 +189,9 @@ def test_half_precision_model_trains_in_float32_by_default(load, arch, dtype):
     """By default FT trains a half-precision model in float32 (an exact copy of its weights),
     so its update is that of the same model converted to float32 by TL's own ``.to`` (an
     independent conversion), to float32 rounding: far inside the half-precision floor. (Not
-    the fp32 checkpoint's: TL 3 folds Gemma's norm weights as 1 + w in the model's dtype, so
-    its bf16 weights are not the fp32 ones.) The model computes in its own dtype afterwards."""
+    the fp32 checkpoint's: TL 3's Gemma embedding W_E, as it converts it, is not exact in the
+    half dtype, so its half weights are not the fp32 ones.) The model computes in its own
+    dtype afterwards."""
     model = load(arch, dtype)
     upcast = load(arch, dtype, fresh=True).to(torch.float32)
     assert all(p.dtype == torch.float32 for p in upcast.parameters())
