@@ -21,6 +21,7 @@ Run it on CPU too, as a dry run of the script itself:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -53,13 +54,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _deltas(model, mode: str, side_by_side: bool, demos=DEMOS) -> tuple[list[torch.Tensor], str]:
+def _deltas(model, mode: str, side_by_side: bool, demos=DEMOS,
+            train_dtype: str = "float32") -> tuple[list[torch.Tensor], str]:  # fmt: skip
+    kw = dict(mode=mode, progress=False, train_dtype=train_dtype)
     if side_by_side:
-        with finetuned_grid(model, demos, [LR, 3 * LR], mode=mode, progress=False) as grid:
+        with finetuned_grid(model, demos, [LR, 3 * LR], **kw) as grid:
             how = "side by side" if grid.fallback is None else f"fell back: {grid.fallback}"
             with grid.applied(LR) as state:
                 return [d.detach().float().cpu() for d in state.deltas], how
-    with finetuned(model, demos, LR, mode=mode, progress=False) as state:
+    with finetuned(model, demos, LR, **kw) as state:
         return [d.detach().float().cpu() for d in state.deltas], "in place"
 
 
@@ -86,19 +89,20 @@ def tiny_part(device: torch.device, dtype: torch.dtype) -> bool:
                 for p, q in zip(dev.parameters(), ref.parameters(), strict=True):
                     p.copy_(q.to(dtype))
             snap = _state(dev)
-            floor = rel_l2(first_step_updates(dev, DEMOS, LR), first_step_updates(ref, DEMOS, LR))
+            floor = rel_l2(first_step_updates(dev, DEMOS, LR, train_dtype="model"),
+                           first_step_updates(ref, DEMOS, LR))  # fmt: skip
             bound = max(0.02, 2 * floor)
             print(f"  {arch:6s} the dtype's floor (first-step updates vs fp32) {floor:.4f}; "
                   f"bound max(2%, 2x floor) = {bound:.4f}")  # fmt: skip
             for mode in ("standard", "layer_causal"):
                 want, _ = _deltas(ref, mode, False)
-                for sbs in (False, True):
-                    got, how = _deltas(dev, mode, sbs)
+                for sbs, train in itertools.product((False, True), ("float32", "model")):
+                    got, how = _deltas(dev, mode, sbs, train_dtype=train)
                     err = rel_l2(got, want)
                     flag = "ok" if err <= bound else "ABOVE THE BOUND"
                     ok &= err <= bound
-                    print(f"  {arch:6s} {mode:12s} {how:12s} FT update rel L2 vs fp32 "
-                          f"{err:.4f} {flag}")  # fmt: skip
+                    print(f"  {arch:6s} {mode:12s} {how:12s} trained in {train:7s} FT update rel "
+                          f"L2 vs fp32 {err:.4f} {flag}")  # fmt: skip
             restored = _same(dev, snap)
             ok &= restored
             print(f"  {arch:6s} restore after FT bit exact on {device}: {restored}")
@@ -111,8 +115,9 @@ def tiny_part(device: torch.device, dtype: torch.dtype) -> bool:
                 print(f"  {arch:6s} run_experiment FAILED: {type(e).__name__}: {e}")
                 continue
             prov = res.runs[0].provenance
-            paths = {k: v for k, v in prov.get("fast_paths", {}).get("ft", {}).items()
-                     if not isinstance(v, dict)}  # fmt: skip
+            ft = prov.get("fast_paths", {}).get("ft", {})
+            paths = {k: v for k, v in ft.items() if not isinstance(v, dict)}
+            paths["trained_in"] = ft.get("train_dtype", {}).get("computed_in")
             print(f"  {arch:6s} run_experiment with every default baseline: "
                   f"{time.perf_counter() - start:.1f}s; FT fast paths {paths}")  # fmt: skip
     return ok
