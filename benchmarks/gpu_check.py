@@ -3,8 +3,9 @@
 Part 1, tiny random checkpoints (built from ``transformers`` config classes; nothing is
 downloaded), for Llama, GPT-2 and Gemma-3, on ``--device`` in ``--dtype`` against fp32 on
 the CPU:
-  * the FT K/V update's relative L2 error (its fp32 master deltas), in place, side by side
-    and layer-causal (target: <= 2%, or twice the floor that the dtype's own gradients
+  * the FT K/V update's relative L2 error, trained in float32 (the default) and in the
+    model's dtype (its fp32 master deltas), in place, side by side and layer-causal
+    (target: <= 2%, or twice the floor that the dtype's own gradients
     set, where that is larger; see tests/test_finetune_half.py);
   * the restore after FT is bit exact on the device;
   * ``run_experiment`` with every default baseline finishes there, and which fast paths ran.

@@ -119,7 +119,15 @@ def refuse_autocast(what: str) -> None:
         try:
             if torch.is_autocast_enabled(device):
                 on.append(device)
-        except (RuntimeError, TypeError):  # a device type this torch does not know
+        except TypeError:  # torch < 2.4 takes no device: its per-device functions instead
+            legacy = {
+                "cuda": torch.is_autocast_enabled,
+                "cpu": getattr(torch, "is_autocast_cpu_enabled", None),
+                "xpu": getattr(torch, "is_autocast_xpu_enabled", None),
+            }.get(device)
+            if legacy is not None and legacy():
+                on.append(device)
+        except RuntimeError:  # a device type this torch does not know
             continue
     if on:
         raise RuntimeError(

@@ -58,6 +58,18 @@ _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks", "patching", "patch_e
 _CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
                     "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
+
+
+def _field(config: dict, key: str):
+    """A config field, or what a file made before the field existed ran with: its default,
+    except that half-precision FT trained in the model's dtype before ``ft_train_dtype``."""
+    if key in config:
+        return config[key]
+    if key == "ft_train_dtype" and config.get("dtype") in ("bfloat16", "float16"):
+        return "model"
+    return _CONFIG_DEFAULTS.get(key)
+
+
 # headline metrics at the other recording sites (experiment.SITES): results made before those
 # were recorded lack them, which is noted as such, not as a difference
 _OTHER_SITE_METRICS = {m for m, _, _ in SUMMARY_COLUMNS if m.endswith(("_attention", "_q_post"))}
@@ -251,15 +263,10 @@ def _provenance_difference(pa: dict[str, Any], pb: dict[str, Any]) -> str | None
             fields = sorted(
                 k
                 for k in set(ca) | set(cb)
-                if k not in _CONFIG_IGNORED
-                and _norm(ca.get(k, _CONFIG_DEFAULTS.get(k)))
-                != _norm(cb.get(k, _CONFIG_DEFAULTS.get(k)))
+                if k not in _CONFIG_IGNORED and _norm(_field(ca, k)) != _norm(_field(cb, k))
             )
             if fields:
-                dflt = _CONFIG_DEFAULTS.get
-                shown = ", ".join(
-                    f"{k} {ca.get(k, dflt(k))!r} vs {cb.get(k, dflt(k))!r}" for k in fields[:3]
-                )
+                shown = ", ".join(f"{k} {_field(ca, k)!r} vs {_field(cb, k)!r}" for k in fields[:3])
                 more = f" and {len(fields) - 3} more" if len(fields) > 3 else ""
                 why.append(f"different config ({shown}{more})")
         else:

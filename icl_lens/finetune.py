@@ -8,13 +8,15 @@ of "formatted input + label word". Only the parameters from ``backend.kv_paramet
 residual output goes through the final norm and unembedding to its own LM loss; the per-layer
 losses are summed, so each layer's K/V learn only from their own loss.
 
-Half precision (bf16/fp16 models) keeps the science: SGD steps fp32 master deltas (the
+Half precision (bf16/fp16 models) keeps the science: by default the training runs on an exact
+float32 copy of the model (``train_dtype="float32"``, ``backend.full_precision``); with
+``train_dtype="model"`` it runs in the model's dtype and SGD steps fp32 master deltas (the
 training forward uses ``round(W_orig + delta)``; ``_MasterDeltas``; side by side the deltas are
-fp32 rows), so no step is rounded away; inside the block the model runs its original weights
+fp32 rows), so no step is rounded away. Inside the block the model runs its original weights
 plus the exact update as ``x·deltaᵀ`` on the K/V projections (``_update_applied``), since
 ``round(W + delta)`` would drop most of it; losses are computed in fp32; every run-time
-check's tolerance comes from the model's dtype (``checks.tolerance``). ``FTState.deltas`` are
-the updates themselves (fp32).
+check's tolerance comes from the dtype the computation runs in (``checks.tolerance``).
+``FTState.deltas`` are the updates themselves (fp32).
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ class FTState:
     train_token_demo: Int[Tensor, " train_tok"] | None = None
     # which fast paths trained it and what their run-time checks measured
     fast_paths: dict = field(default_factory=dict)
-    # The update of every trained tensor (same order as ``param_names``), at least fp32: for a
-    # half-precision model these are the fp32 master deltas that SGD stepped (the model's
-    # weights hold round(W + delta)); analyses that need the update itself should read these.
+    # The update of every trained tensor (same order as ``param_names``), at least fp32 (for a
+    # half-precision model, the float32 training's update or the fp32 master deltas; inside
+    # the block its weights stay W and these enter its K/V activations); analyses that need
+    # the update itself should read these.
     deltas: list[Tensor] | None = None
 
     @property
@@ -451,9 +454,9 @@ def finetuned(
     ``demos`` are token lists ([BOS] + input + label word each) or ``Example`` s with ``task``.
     ``params`` defaults to ``backend.named_kv_parameters(model)``. Restoration also happens on
     an exception or KeyboardInterrupt; only the trained tensors' originals are kept. For a
-    half-precision tensor SGD steps an fp32 master delta, and inside the block the update is
-    added to the K/V activations rather than lost to round(W + delta) (``_update_applied``);
-    ``state.deltas`` holds every tensor's update (at least fp32). ``train_dtype="float32"``
+    half-precision model the update is added to the K/V activations inside the block rather
+    than lost to round(W + delta) (``_update_applied``); ``state.deltas`` holds every
+    tensor's update (at least fp32). ``train_dtype="float32"``
     (default) trains a half-precision model in float32 (``backend.full_precision``: an exact
     float32 copy for the training, the model's own tensors back after): bf16's own backward
     pass is a few percent off fp32's (3.5% of the update on Gemma-3-270m, SST-2), and its
@@ -470,8 +473,19 @@ def finetuned(
     with _restoring(model, trained) as originals:
         with _training(model), _train_precision(model, train_dtype, [state]):
             _train(model, sequences, trained, state, record_queries, progress, originals)
+        _write_rounded(trained, originals, state.deltas)
         with _update_applied(model, named, originals, state.deltas, state.fast_paths):
             yield state
+
+
+@torch.no_grad()
+def _write_rounded(trained: Sequence[Tensor], originals: Sequence[Tensor], deltas) -> None:
+    """Put ``round(W + ΔW)`` into every half-precision trained tensor, which
+    ``_update_applied`` expects to find there (trained in float32, the model got its untrained
+    half tensors back; trained in its dtype, this is what the masters last wrote)."""
+    for p, orig, d in zip(trained, originals, deltas, strict=True):
+        if master_dtype(p.dtype) != p.dtype:
+            p.copy_(orig.to(d.dtype) + d)
 
 
 @contextmanager
@@ -524,8 +538,9 @@ def _update_applied(model: nn.Module, named, originals: Sequence[Tensor], deltas
 def first_step_updates(model: nn.Module, demos: Sequence, lr: float, **kwargs: Any) -> list[Tensor]:
     """The sum over ``demos`` of each one's FT update alone from the untouched weights (one
     ``finetuned`` per demonstration; ``kwargs`` as there): FT's update without its trajectory.
-    Its error in a half-precision model against fp32 is the floor that the dtype's own
-    gradients set, the yardstick the half-precision checks hold FT to."""
+    With ``train_dtype="model"``, its error in a half-precision model against fp32 is the
+    floor that the dtype's own gradients set, the yardstick the half-precision checks hold FT
+    trained in that dtype to."""
     steps = []
     for demo in demos:
         with finetuned(model, [demo], lr, record_queries=False, **kwargs) as state:
@@ -797,9 +812,9 @@ def finetuned_grid(
 
     Same protocol and per-rate results as ``finetuned`` up to float rounding: the rows use
     ``x·W + x·ΔW`` where in-place SGD uses ``x·(W + ΔW)``, and ΔW is kept in at least fp32 (so
-    for half-precision models small updates are not rounded away; in-place FT keeps fp32
-    master deltas for the same reason; in half precision ``grid.applied`` adds ``x·ΔWᵀ`` to
-    the K/V projections rather than rounding W + ΔW to the model's dtype).
+    for half-precision models small updates are not rounded away, as in-place FT's fp32
+    master deltas are with ``train_dtype="model"``; in half precision ``grid.applied`` adds
+    ``x·ΔWᵀ`` to the K/V projections rather than rounding W + ΔW to the model's dtype).
     Each state's ``deltas`` are its ΔW while the grid's block runs (freed on exit, like the
     model's copies). A rate whose loss diverges stops there and is reported in
     ``grid.diverged``; the others go on. ``side_by_side=None`` uses it when the model supports

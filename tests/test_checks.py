@@ -58,8 +58,8 @@ def test_warn_defaults_to_a_fast_path_warning_at_the_callers_line():
 
 def test_entry_points_refuse_autocast_before_touching_the_model():
     """Inside one ``torch.autocast`` block torch reuses its first cast of each weight, so a
-    K/V update written in place there is invisible (checked below on the toy itself, so the
-    test shows why the refusal exists), and the FT records would silently equal ZS's. Every
+    K/V update written in place there is invisible (shown below on an ``nn.Linear``, so the
+    test documents why the refusal exists), and the FT records would silently equal ZS's. Every
     entry point refuses under autocast with a one-line error naming the fix, and leaves the
     model as it was."""
     import pytest

@@ -282,6 +282,20 @@ def test_config_fields_added_later_read_as_what_older_files_ran_with(tmp_path):
     assert "dtype 'bfloat16' vs 'float32'" in note
 
 
+def test_an_old_half_precision_file_trained_ft_in_its_own_dtype(tmp_path):
+    """A bf16 file made before ``ft_train_dtype`` existed trained FT in bf16: against a bf16
+    run trained in float32 (the default now) the difference is named, not hidden."""
+    old = _run("sst2", 0)
+    old.provenance["config"] = {**old.provenance["config"], "dtype": "bfloat16"}
+    old.provenance["config_key"] = "old-bf16"
+    new = _run("sst2", 0)
+    new.provenance["config"] = {**old.provenance["config"], "ft_train_dtype": "float32"}
+    new.provenance["config_key"] = "new-bf16"
+    row = _row(compare(_write(tmp_path / "new", [new]), _write(tmp_path / "old", [old])),
+               "sst2", 0, "simaou", "ft")  # fmt: skip
+    assert "ft_train_dtype 'float32' vs 'model'" in row["note"]
+
+
 def test_every_field_left_out_of_the_key_at_its_default_reads_as_that_default(tmp_path):
     """A file made before ``layers``/``patching`` existed compares with one that records their
     defaults, and with one that ran patching (it only adds rows)."""
