@@ -402,28 +402,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def current_rss_mb() -> float:
-    """The resident set size now (VmRSS), or 0 where the OS does not say."""
+def _status_mb(field: str) -> float | None:
+    """A size field of Linux's /proc/self/status (``VmRSS``, ``VmHWM``) in MB, or None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def current_rss_mb() -> float:
+    """The resident set size now (VmRSS), or 0 where the OS does not say."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def peak_rss_mb() -> float:
     """The peak RSS since the last reset (VmHWM), or of the whole process (ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(args, dtype_name: str, data) -> dict:
