@@ -328,10 +328,14 @@ def dual_analysis(
     FT trains K/V on ``demos`` (``finetune.finetuned``, ``mode``) and is undone on return.
     ``shuffled`` adds an FT on ``baselines.shuffle_labels(demos, seed)`` (needs ``Example``
     demos with at least two labels; skipped otherwise). Random matrices come from
-    ``torch.Generator().manual_seed(seed)``, one per (example, layer, head).
+    ``torch.Generator().manual_seed(seed)``, one per (example, layer, head). ``train_dtype``:
+    what FT trains in (``finetuned``).
     """
-    from icl_lens.finetune import finetuned
+    from icl_lens.checks import refuse_autocast
+    from icl_lens.finetune import check_ft_args, finetuned
 
+    check_ft_args(mode, [lr], train_dtype)
+    refuse_autocast("dual_analysis")
     if len(prompts_icl) != len(prompts_zs) or not prompts_icl:
         raise ValueError("need equally many (>= 1) ICL and ZS prompts, one pair per example")
     for pi, pz in zip(prompts_icl, prompts_zs, strict=True):

@@ -425,7 +425,9 @@ def _token_demo(sequences: Sequence[list[int]]) -> Tensor:
     return torch.tensor([step for step, seq in enumerate(sequences) for _ in range(len(seq) - 1)])
 
 
-def _check_args(mode: str, lrs: Sequence[float], train_dtype: str = "float32") -> None:
+def check_ft_args(mode: str, lrs: Sequence[float], train_dtype: str = "float32") -> None:
+    """Raise a one-line ValueError for an unknown mode or train dtype or a rate that is not
+    positive (callers that run passes before FT check first, so nothing is wasted)."""
     if mode not in MODES:
         raise ValueError(f"unknown finetune mode {mode!r}; use one of {MODES}")
     if train_dtype not in TRAIN_DTYPES:
@@ -464,7 +466,7 @@ def finetuned(
     (``README``, Half precision). ``"model"`` trains in the model's dtype with fp32 master
     deltas (no float32 copy of the model in memory).
     """
-    _check_args(mode, [lr], train_dtype)
+    check_ft_args(mode, [lr], train_dtype)
     refuse_autocast("finetuned")
     sequences = _to_sequences(model, demos, task, tokenizer)
     named = list(params) if params is not None else B.named_kv_parameters(model)
@@ -822,7 +824,7 @@ def finetuned_grid(
     with a ``FastPathWarning``; why is in ``grid.fallback`` and every state's
     ``fast_paths["side_by_side_fallback"]``. ``train_dtype`` as in ``finetuned``.
     """
-    _check_args(mode, lrs, train_dtype)
+    check_ft_args(mode, lrs, train_dtype)
     refuse_autocast("finetuned_grid")
     if not lrs:
         raise ValueError("no learning rates to finetune at; pass at least one")

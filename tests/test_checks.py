@@ -66,7 +66,9 @@ def test_entry_points_refuse_autocast_before_touching_the_model():
 
     from icl_lens import experiment as E
     from icl_lens.capture import capture
+    from icl_lens.circuit import circuit_records
     from icl_lens.data import TaskData
+    from icl_lens.dual import dual_analysis
     from icl_lens.finetune import finetuned, finetuned_grid
     from icl_lens.tasks import build_prompt, label_token_ids
     from icl_lens.toy import load_toy, toy_episode
@@ -74,6 +76,7 @@ def test_entry_points_refuse_autocast_before_touching_the_model():
     model, tok, task = load_toy()
     demos, evals = toy_episode(seed=0, n_demos=4, n_eval=3, tokenizer=tok)
     prompts = [build_prompt(task, tok, q) for q in evals]
+    icl_prompts = [build_prompt(task, tok, q, demos) for q in evals]
     ids = label_token_ids(task, tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = TaskData(task, evals, demos, "toy", {"source": "toy_episode"})
@@ -86,6 +89,10 @@ def test_entry_points_refuse_autocast_before_touching_the_model():
         "run_experiment": lambda: E.run_experiment(
             model, task, data=data, tokenizer=tok, n_demos=2, n_eval=3, progress=False
         ),
+        "circuit_records": lambda: circuit_records(
+            model, data, lr=0.1, n_eval=3, n_demos=2, tokenizer=tok
+        ),
+        "dual_analysis": lambda: dual_analysis(model, icl_prompts, prompts, demos, 0.1, task, tok),
     }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for name, call in calls.items():

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
-from icl_lens.checks import warn
+from icl_lens.checks import refuse_autocast, warn
 from icl_lens.circuit.sites import DEFAULT_SITES, check_sites, head_outputs, site_hooks
 from icl_lens.data import TaskData, load_task_data, sample_demos
-from icl_lens.finetune import FTState, finetuned
+from icl_lens.finetune import FTState, check_ft_args, finetuned
 from icl_lens.progress import tqdm
 from icl_lens.tasks import (
     Example,
@@ -194,7 +194,10 @@ def circuit_records(
     shuffled-label FT (same rate) is skipped with a warning when the demonstrations have one
     label. The model is left as it was. ``demos``: use these demonstrations as given (no
     sampling or fitting; ``run_experiment(patching=True)`` passes its own), ``n_demos`` unused.
+    ``train_dtype``: what FT trains in (``finetuned``).
     """
+    check_ft_args(mode, [lr], train_dtype)
+    refuse_autocast("circuit_records")
     B.check_model(model)
     sites = check_sites(list(sites))
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
