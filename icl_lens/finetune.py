@@ -393,18 +393,14 @@ def _restoring(model: nn.Module, trained: Sequence[Tensor]) -> Iterator[list[Ten
 
 
 @contextmanager
-def _train_precision(model: nn.Module, train_dtype: str, states) -> Iterator[None]:
+def _train_precision(model: nn.Module, train_dtype: str) -> Iterator[dict]:
     """The block (FT's training) computes in float32 for ``train_dtype="float32"`` (a
     half-precision model is converted and gets its own tensors back, ``full_precision``),
-    else in the model's dtype; what ran goes into each of ``states``' ``fast_paths`` (a
-    callable returning them: the grid's states exist only after training)."""
+    else in the model's dtype. Yields what ran, for the states' ``fast_paths["train_dtype"]``."""
     own = str(model_dtype(model)).removeprefix("torch.")
     with B.full_precision(model) if train_dtype == "float32" else nullcontext() as converted:
-        yield
-    ran = "float32" if converted else own
-    for state in states() if callable(states) else states:
-        state.fast_paths["train_dtype"] = {"computed_in": ran, "model_dtype": own,
-                                           "asked": train_dtype}  # fmt: skip
+        yield {"computed_in": "float32" if converted else own, "model_dtype": own,
+               "asked": train_dtype}  # fmt: skip
 
 
 @contextmanager
@@ -473,37 +469,28 @@ def finetuned(
     trained = [p for _, p in named]
     state = FTState(lr=lr, mode=mode, param_names=[n for n, _ in named])
     with _restoring(model, trained) as originals:
-        with _training(model), _train_precision(model, train_dtype, [state]):
+        with _training(model), _train_precision(model, train_dtype) as precision:
+            state.fast_paths["train_dtype"] = precision
             _train(model, sequences, trained, state, record_queries, progress, originals)
-        _write_rounded(trained, originals, state.deltas)
         with _update_applied(model, named, originals, state.deltas, state.fast_paths):
             yield state
-
-
-@torch.no_grad()
-def _write_rounded(trained: Sequence[Tensor], originals: Sequence[Tensor], deltas) -> None:
-    """Put ``round(W + ΔW)`` into every half-precision trained tensor, which
-    ``_update_applied`` expects to find there (trained in float32, the model got its untrained
-    half tensors back; trained in its dtype, this is what the masters last wrote)."""
-    for p, orig, d in zip(trained, originals, deltas, strict=True):
-        if master_dtype(p.dtype) != p.dtype:
-            p.copy_(orig.to(d.dtype) + d)
 
 
 @contextmanager
 def _update_applied(model: nn.Module, named, originals: Sequence[Tensor], deltas,
                     fast_paths: dict) -> Iterator[None]:  # fmt: skip
-    """Run the block with the trained update, given that the weights hold ``W + ΔW`` now.
+    """Run the block with the trained update ``deltas``.
 
-    In fp32 those weights are the update. In half precision they are ``round(W + ΔW)``, which
-    drops every entry of ΔW below half an ulp of W (bf16: 2⁻⁹ |W|) and rounds the rest to
-    whole ulps: on Gemma-3-270m at lr 1e-4 that shrinks FT's move of the attention output by
-    a tenth (mean |unit FT - unit ZS| 0.090 -> 0.081, ``analyses/precision_simaou.py``,
-    emulated in fp32). So for a half-precision model the weights
-    go back to W and the exact ΔW enters as ``x·ΔWᵀ + Δb`` added to the K/V projections'
-    outputs (``backend.kv_deltas``, one delta for every row), where the update is far above
-    the activations' rounding. Where the model's layout cannot take those hooks, or the
-    trained tensors are not its K/V, the rounded weights stay, with a ``PrecisionWarning``.
+    In fp32 the weights already hold ``W + ΔW`` (the caller put them there). Half-precision
+    weights are set here, whatever training left in them: ``round(W + ΔW)`` would drop every
+    entry of ΔW below half an ulp of W (bf16: 2⁻⁹ |W|) and round the rest to whole ulps (on
+    Gemma-3-270m at lr 1e-4 that shrinks FT's move of the attention output by a tenth: mean
+    |unit FT - unit ZS| 0.090 -> 0.081, ``analyses/precision_simaou.py``, emulated in fp32).
+    So the weights go back to W and the exact ΔW enters as ``x·ΔWᵀ + Δb`` added to the K/V
+    projections' outputs (``backend.kv_deltas``, one delta for every row), where the update
+    is far above the activations' rounding. Where the model's layout cannot take those hooks,
+    or the trained tensors are not its K/V, the weights get ``round(W + ΔW)``, with a
+    ``PrecisionWarning``.
     ``fast_paths["update_applied"]`` says which ran and why.
     """
     trained = [p for _, p in named]
@@ -530,6 +517,10 @@ def _update_applied(model: nn.Module, named, originals: Sequence[Tensor], deltas
                 "reason": "half-precision weights would round the update (round(W + ΔW))",
             }
         else:
+            with torch.no_grad():
+                for p, orig, d in zip(trained, originals, deltas, strict=True):
+                    if master_dtype(p.dtype) != p.dtype:
+                        p.copy_(orig.to(d.dtype) + d)  # round(W + ΔW)
             fast_paths["update_applied"] = {"how": "weights (rounded)", "reason": reason}
             warn(f"the FT update is applied as round(W + ΔW) in {trained[0].dtype}, which loses "
                  f"its entries below half an ulp of W ({reason}); compare with a float32 run",
@@ -844,9 +835,10 @@ def finetuned_grid(
     with _restoring(model, trained) as originals:
         grid = FTGrid(model, rates, named, originals, None)
         try:
-            with _training(model), _train_precision(model, train_dtype,
-                                                    lambda: grid.states.values()):  # fmt: skip
+            with _training(model), _train_precision(model, train_dtype) as precision:
                 _train_side_by_side(model, sequences, grid, mode, record_queries, progress)
+            for state in grid.states.values():
+                state.fast_paths["train_dtype"] = precision
         except NotImplementedError as e:
             if side_by_side:
                 raise
