@@ -52,7 +52,7 @@ import torch
 from icl_lens import backend as B
 from icl_lens import experiment as E
 from icl_lens import finetune as F
-from icl_lens.checks import master_dtype, model_dtype
+from icl_lens.checks import model_dtype
 from icl_lens.data import load_task_data
 from icl_lens.experiment import ExperimentConfig, run_experiment
 from icl_lens.models import load_model
@@ -253,17 +253,17 @@ def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
                  4 * rows * d.d_vocab * d.d_model, seconds)  # fmt: skip
 
 
-def matmul_floor(model, need: dict, cfg: dict, grid_rows: int) -> dict:
+def matmul_floor(model, need: dict, cfg: dict, grid_rows: int, ft_dtype: torch.dtype) -> dict:
     """Seconds the protocol's FLOPs take at the matmul rates of its own shapes on this machine:
     each stage's non-embedding FLOPs at one block's weight matmuls with that stage's row count,
     its vocabulary FLOPs at the one-pass vocabulary product's rate. No attention scores, norms,
     activations or memory traffic besides the matmuls' own: no implementation can be faster
     with these matmul kernels, so ``floor / bound`` is what this machine allows. FT's stages
-    are measured in the dtype FT trains in (float32 for a half-precision model by default)."""
+    are measured in ``ft_dtype``, the dtype FT trained in (float32 for a half-precision model
+    by default)."""
     shapes = layer_matmul_shapes(model)
     dtype = model_dtype(model)
-    train_fp32 = cfg.get("ft_train_dtype", "float32") == "float32"
-    ft_dtype = master_dtype(dtype) if train_fp32 else dtype
+    train_fp32 = ft_dtype != dtype  # a half-precision model trained in float32
     tok, runs, n_layers = need["tokens"], need["runs"], B.dims(model).n_layers
     n_eval, batch_size = need["n_eval"], cfg["batch_size"]
     train_len = max(1, round(tok["train"] / max(1, need["demos"])))
@@ -506,7 +506,7 @@ def measure(args, dtype_name: str, data) -> dict:
     cfg = res.runs[0].provenance["config"]
     trained_in = res.runs[0].provenance["fast_paths"]["ft"].get("train_dtype", {})
     ft_name = trained_in.get("computed_in", dtype_name)
-    floor = matmul_floor(model, need, cfg, timer.grid_rows)
+    floor = matmul_floor(model, need, cfg, timer.grid_rows, getattr(torch, ft_name))
     total = sum(floor.values())
     print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
           f"(each FLOP above at the {dtype_name} rate measured for its own matmul "

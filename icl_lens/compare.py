@@ -58,18 +58,6 @@ _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks", "patching", "patch_e
 _CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
                     "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
-
-
-def _field(config: dict, key: str):
-    """A config field, or what a file made before the field existed ran with: its default,
-    except that half-precision FT trained in the model's dtype before ``ft_train_dtype``."""
-    if key in config:
-        return config[key]
-    if key == "ft_train_dtype" and config.get("dtype") in ("bfloat16", "float16"):
-        return "model"
-    return _CONFIG_DEFAULTS.get(key)
-
-
 # headline metrics at the other recording sites (experiment.SITES): results made before those
 # were recorded lack them, which is noted as such, not as a difference
 _OTHER_SITE_METRICS = {m for m, _, _ in SUMMARY_COLUMNS if m.endswith(("_attention", "_q_post"))}
@@ -246,6 +234,16 @@ def _side(res: Results, label: str) -> dict[str, Any]:
     return dict(
         label=label, prov=prov, values=values, spread=spread, versions=versions, models=models
     )
+
+
+def _field(config: dict, key: str):
+    """A config field, or what a file made before the field existed ran with: its default,
+    except that half-precision FT trained in the model's dtype before ``ft_train_dtype``."""
+    if key in config:
+        return config[key]
+    if key == "ft_train_dtype" and config.get("dtype") in ("bfloat16", "float16"):
+        return "model"
+    return _CONFIG_DEFAULTS.get(key)
 
 
 def _provenance_difference(pa: dict[str, Any], pb: dict[str, Any]) -> str | None:
