@@ -305,6 +305,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
                     help="rounded variants beside fp32 (default: all; none if bare)")  # fmt: skip
     ap.add_argument("--real", action="store_true", help="also run a true bf16 model")
+    ap.add_argument("--update-compute", action="store_true",
+                    help="with --real, also run bf16 with its ZS and FT captures (FT's update) "
+                    "computed in float32 on the bf16 weights")  # fmt: skip
     ap.add_argument("--bf16-model", action="store_true",
                     help="also run the bf16 model with float32-accumulated matmuls")  # fmt: skip
     ap.add_argument("--run-experiment", action="store_true",
@@ -332,9 +335,13 @@ def main(argv=None) -> None:
     zs_p = [il.build_prompt(spec, tok, q) for q in evals]
     icl_p = [il.build_prompt(spec, tok, q, demos) for q in evals]
 
-    def cap(m, prompts, cond, acts=False):
+    def cap(m, prompts, cond, acts=False, compute="model"):
         # with rounded activations the prefix cache may fail its self-check: capture then
-        # warns and runs full prompts
+        # warns and runs full prompts. compute="float32": a half model's capture computes in
+        # float32 (backend.full_precision: exact float32 copies of its weights)
+        if compute == "float32":
+            with B.full_precision(m):
+                return il.capture(m, prompts, ids, cond, progress=False).attn_out
         if acts == "scores":
             with _rounded_activations(m, scores=True):
                 return il.capture(m, prompts, ids, cond, progress=False, self_check=False,
@@ -348,13 +355,18 @@ def main(argv=None) -> None:
         acts: bool = False,
         train_acts: bool = False,
         train_dtype: str = "model",
+        update_compute: str = "model",
     ):
         """ZS, ICL, FT records of ``m`` as it stands. FT's update is the trained weights
         (``write=None``), round_bf16(W + delta) (``"round"``), or W with ``x delta^T`` added to
         the K/V projections' outputs (``"hooks"``, backend.kv_deltas). ``acts``: activations
         rounded in the three captures; ``train_acts``: also in FT's training (forward; the
-        gradients pass the rounding straight through)."""
-        zs, icl = cap(m, zs_p, "zs", acts), cap(m, icl_p, "icl", acts)
+        gradients pass the rounding straight through). ``update_compute="float32"``: the ZS
+        and FT captures (whose difference is FT's update) compute in float32, on the model's
+        own (half) weights, with FT's float32 delta added exactly; ICL stays in the model's
+        dtype."""
+        zs = cap(m, zs_p, "zs", acts, update_compute)
+        icl = cap(m, icl_p, "icl", acts)
         params = [p for _, p in B.named_kv_parameters(m)]
         orig = [p.detach().clone() for p in params]
         ft_block = il.finetuned(m, demos, args.lr, task=spec, tokenizer=tok,
@@ -369,7 +381,7 @@ def main(argv=None) -> None:
                             p.copy_(_round(o + d.to(o.dtype)) if write == "round" else o)
                 if write == "hooks":
                     es.enter_context(B.kv_deltas(m, [d[None] for d in st.deltas]))
-                ft = cap(m, zs_p, "ft", acts)
+                ft = cap(m, zs_p, "ft", acts, update_compute)
         finally:
             ft_block.__exit__(None, None, None)  # restores the weights
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -389,6 +401,10 @@ def main(argv=None) -> None:
         runs["bf16"] = three(bf16_model)
         print("bf16 (real), FT trained in float32 (finetuned's default)", flush=True)
         runs["bf16, FT in float32"] = three(bf16_model, train_dtype="float32")
+        if args.update_compute:
+            print("bf16 (real), FT in float32, ZS and FT captures computed in float32")
+            runs["bf16, update in float32"] = three(bf16_model, train_dtype="float32",
+                                                    update_compute="float32")  # fmt: skip
     if args.bf16_model:
         print("bf16 model, matmuls accumulated in fp32", flush=True)
         bf16_model = il.load_model(args.model, dtype=BF16, progress=False)
@@ -410,10 +426,12 @@ def main(argv=None) -> None:
         }
     # which record's rounding moves it? ZS, ICL, FT each from fp32 or the most rounded variant
     last = "bf16" if "bf16" in runs else list(runs)[-1]
-    for other in (last, "bf16, FT in float32"):
-        if other not in runs:
+    pairs = [("fp32", o) for o in (last, "bf16, FT in float32", "bf16, update in float32")]
+    pairs.append(("bf16, FT in float32", "bf16, update in float32"))  # where the update is computed
+    for pair in pairs:
+        if not set(pair) <= set(runs):
             continue
-        for z, i, f in itertools.product(("fp32", other), repeat=3):
+        for z, i, f in itertools.product(pair, repeat=3):
             mixed = _sim(runs[z]["zs"], runs[i]["icl"], runs[f]["ft"])
             out["mixed"][f"zs {z}, icl {i}, ft {f}"] = mixed
     if last in ("bf16", "bf16 (fp32 matmuls)"):  # a bf16 model's records

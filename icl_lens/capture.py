@@ -40,6 +40,7 @@ from icl_lens import backend as B
 from icl_lens.checks import (
     FastPathWarning,
     SelfCheckError,
+    model_dtype,
     refuse_autocast,
     rel_diff,
     tolerance,
@@ -49,6 +50,9 @@ from icl_lens.memory import release_memory
 from icl_lens.progress import tqdm
 
 CONDITIONS = ("zs", "icl", "ft")
+# what a capture computes in: the model's own dtype, or float32 for a half-precision model
+# (an exact float32 copy of its weights for the capture, ``backend.full_precision``)
+COMPUTE_DTYPES = ("model", "float32")
 __all__ = ["CONDITIONS", "FastPathWarning", "Records", "SelfCheckError", "capture",
            "recording_sites"]  # fmt: skip
 
@@ -169,6 +173,7 @@ def capture(
     detail_limit: int | None = None,
     self_check: bool = True,
     progress: bool = True,
+    compute_dtype: str = "model",
 ) -> Records:
     """Run ``prompts`` (from ``tasks.build_prompt``) through ``model`` and keep the records.
 
@@ -197,24 +202,32 @@ def capture(
     plain one with a ``FastPathWarning``; wrong scores raise ``SelfCheckError``. What ran
     and what the checks measured is in ``Records.checks``; the shared-prefix check covers
     every recorded field, the other sites' included.
+
+    ``compute_dtype="float32"`` runs a bf16/fp16 model's capture in float32, on an exact
+    float32 copy of its own weights (``backend.full_precision``; the model gets its tensors
+    back after, bit for bit). A small difference of two captures, such as FT's update (FT -
+    ZS), is otherwise swamped by the roundings of two half-precision passes, which differ
+    (README, Half precision). ``checks["dtype"]`` says what the capture computed in and
+    ``checks["model_dtype"]`` the model's own dtype.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {compute_dtype!r}; use one of {COMPUTE_DTYPES}")
     refuse_autocast("capture")
-    record = prompts[0].record if len(prompts) else "label"
-    if any(p.record != record for p in prompts):
-        raise ValueError("prompts mix recorded positions; build them with one record=...")
-    if len(prompts) == 0:
-        raise ValueError("no prompts to run; check that the evaluation set is not empty")
-    if detail_limit is not None and detail_limit < 0:
-        raise ValueError(f"detail_limit must be >= 0 or None, got {detail_limit}")
+    own = model_dtype(model)
+    if compute_dtype == "float32" and own in (torch.bfloat16, torch.float16):
+        _check_prompts(model, prompts, detail_limit)  # bad input fails before the copy
+        with B.full_precision(model):
+            rec = capture(model, prompts, label_token_ids, condition, batch_size=batch_size,
+                          shared_prefix=shared_prefix, split_attention=split_attention,
+                          detail_limit=detail_limit, self_check=self_check,
+                          progress=progress)  # fmt: skip
+        rec.checks["model_dtype"] = str(own)
+        return rec
+    _check_prompts(model, prompts, detail_limit)
+    record = prompts[0].record
     d = B.dims(model)
-    longest = max(len(p.tokens) for p in prompts)
-    if longest > d.n_ctx:
-        raise ValueError(
-            f"prompt has {longest} tokens but the model's context is {d.n_ctx}; "
-            "use fewer demonstrations (n_demos) or shorter examples"
-        )
     prefix_len = _shared_prefix(prompts) if shared_prefix is not False else 0
     if prefix_len and not B.supports_prefix_cache(model):
         if shared_prefix:
@@ -291,6 +304,23 @@ def capture(
         q_post=run.other_site(out, "q_post"),
         sites=run.sites,
     )
+
+
+def _check_prompts(model: nn.Module, prompts: Sequence, detail_limit: int | None) -> None:
+    """Bad input to ``capture``: a one-line error before any pass."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts to run; check that the evaluation set is not empty")
+    if any(p.record != prompts[0].record for p in prompts):
+        raise ValueError("prompts mix recorded positions; build them with one record=...")
+    if detail_limit is not None and detail_limit < 0:
+        raise ValueError(f"detail_limit must be >= 0 or None, got {detail_limit}")
+    longest = max(len(p.tokens) for p in prompts)
+    n_ctx = B.dims(model).n_ctx
+    if longest > n_ctx:
+        raise ValueError(
+            f"prompt has {longest} tokens but the model's context is {n_ctx}; "
+            "use fewer demonstrations (n_demos) or shorter examples"
+        )
 
 
 def _alloc(n: int, n_detail: int, d: B.ModelDims, n_labels: int, q_len: int, n_demo: int,

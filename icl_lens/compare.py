@@ -56,7 +56,8 @@ _CONFIG_IGNORED = ("seeds", "shared_prefix", "self_checks", "patching", "patch_e
 # fields added later, and what a file without them ran with (older files ran fp32 on the CPU,
 # reported every layer, no patching); experiment._KEY_DEFAULTS must be a subset (a test says so)
 _CONFIG_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
-                    "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
+                    "patch_examples": 64, "ft_train_dtype": "float32",
+                    "update_capture_dtype": "float32"}  # fmt: skip
 _HEADLINE = {(m, v): name for m, v, name in SUMMARY_COLUMNS}
 # headline metrics at the other recording sites (experiment.SITES): results made before those
 # were recorded lack them, which is noted as such, not as a difference
@@ -238,10 +239,12 @@ def _side(res: Results, label: str) -> dict[str, Any]:
 
 def _field(config: dict, key: str):
     """A config field, or what a file made before the field existed ran with: its default,
-    except that half-precision FT trained in the model's dtype before ``ft_train_dtype``."""
+    except that half-precision runs trained FT and ran the ZS/FT captures in the model's
+    dtype before ``ft_train_dtype`` and ``update_capture_dtype`` existed."""
     if key in config:
         return config[key]
-    if key == "ft_train_dtype" and config.get("dtype") in ("bfloat16", "float16"):
+    half_fields = ("ft_train_dtype", "update_capture_dtype")
+    if key in half_fields and config.get("dtype") in ("bfloat16", "float16"):
         return "model"
     return _CONFIG_DEFAULTS.get(key)
 

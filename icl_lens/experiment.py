@@ -54,7 +54,7 @@ import icl_lens
 from icl_lens import backend as B
 from icl_lens import metrics as M
 from icl_lens.baselines import shuffle_labels, untrained
-from icl_lens.capture import Records, capture
+from icl_lens.capture import COMPUTE_DTYPES, Records, capture
 from icl_lens.checks import (
     PrecisionWarning,
     model_dtype,
@@ -83,7 +83,8 @@ _NOT_IN_KEY = ("shared_prefix", "self_checks", "seeds")
 # Left out of ``key()`` at these values only (so the keys of results made before these fields
 # existed, all fp32 on the CPU, stay valid); any other value is part of the key.
 _KEY_DEFAULTS = {"dtype": "float32", "device": "cpu", "layers": None, "patching": False,
-                 "patch_examples": 64, "ft_train_dtype": "float32"}  # fmt: skip
+                 "patch_examples": 64, "ft_train_dtype": "float32",
+                 "update_capture_dtype": "float32"}  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -118,6 +119,12 @@ class ExperimentConfig:
     # model trains on an exact float32 copy of itself), or "model" (its own dtype: no float32
     # copy in memory, but bf16's backward is a few percent off; README, Half precision).
     ft_train_dtype: str = "float32"
+    # What the ZS and FT captures compute in (``capture.COMPUTE_DTYPES``): their difference is
+    # FT's update, which is small, and two half-precision passes round differently, enough to
+    # move SimAOU by more than its CI at 500 examples (README, Half precision). "float32":
+    # a bf16/fp16 model runs them on an exact float32 copy of itself; "model": in its own
+    # dtype (faster, no float32 copy in memory). The ICL captures always run in the model's.
+    update_capture_dtype: str = "float32"
     # The layers whose per-layer metrics are reported, and that the "mean" row averages
     # (None: all). Every layer is still run and FT still trains every layer's K/V: this
     # chooses what is analysed, not the protocol.
@@ -159,6 +166,9 @@ class ExperimentConfig:
             raise ValueError(
                 f"ft_train_dtype must be one of {TRAIN_DTYPES} (got {self.ft_train_dtype!r})"
             )
+        if self.update_capture_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"update_capture_dtype must be one of {COMPUTE_DTYPES} "
+                             f"(got {self.update_capture_dtype!r})")  # fmt: skip
         if self.layers is not None:
             if not self.layers or any(int(x) != x or x < 0 for x in self.layers):
                 raise ValueError(
@@ -186,8 +196,15 @@ class ExperimentConfig:
         if self.dtype in ("bfloat16", "float16"):  # not resumed from a half-precision file made
             fields["undefined_rule"] = "float32 records"  # before one zero rule held for all
             fields["ft_train_dtype"] = self.ft_train_dtype  # nor across what FT trained in
-        else:  # a full-precision model trains in its own precision either way
+            # nor across what the ZS/FT captures computed in; "model", what every half file
+            # made before the field ran, keeps their keys
+            if self.update_capture_dtype != "model":
+                fields["update_capture_dtype"] = self.update_capture_dtype
+            else:
+                fields.pop("update_capture_dtype", None)
+        else:  # a full-precision model trains and captures in its own precision either way
             fields.pop("ft_train_dtype", None)
+            fields.pop("update_capture_dtype", None)
         blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -581,9 +598,11 @@ def _run_seed_inner(model, data: TaskData, tok, seed: int, cfg, name: str, progr
     icl_prompts = [build_prompt(spec, tok, q, demos, record=cfg.record) for q in evals]
 
     def run(m, prompts, cond):
+        compute = cfg.update_capture_dtype if cond in ("zs", "ft") else "model"
         rec = capture(m, prompts, label_ids, cond, batch_size=cfg.batch_size,
                       detail_limit=cfg.kendall_examples, shared_prefix=cfg.shared_prefix,
-                      self_check=cfg.self_checks, progress=progress)  # fmt: skip
+                      self_check=cfg.self_checks, progress=progress,
+                      compute_dtype=compute)  # fmt: skip
         fast_paths.setdefault(cond, []).append(rec.checks)
         return rec
 

@@ -294,6 +294,15 @@ def test_an_old_half_precision_file_trained_ft_in_its_own_dtype(tmp_path):
     row = _row(compare(_write(tmp_path / "new", [new]), _write(tmp_path / "old", [old])),
                "sst2", 0, "simaou", "ft")  # fmt: skip
     assert "ft_train_dtype 'float32' vs 'model'" in row["note"]
+    # nor did it compute its ZS/FT captures in float32 (``update_capture_dtype``, later)
+    new.provenance["config"] = {**old.provenance["config"], "update_capture_dtype": "float32"}
+    row = _row(compare(_write(tmp_path / "new2", [new]), _write(tmp_path / "old", [old])),
+               "sst2", 0, "simaou", "ft")  # fmt: skip
+    assert "update_capture_dtype 'float32' vs 'model'" in row["note"]
+    new.provenance["config"] = {**old.provenance["config"], "update_capture_dtype": "model"}
+    row = _row(compare(_write(tmp_path / "new3", [new]), _write(tmp_path / "old", [old])),
+               "sst2", 0, "simaou", "ft")  # fmt: skip
+    assert "update_capture_dtype" not in (row["note"] or "")
 
 
 def test_every_field_left_out_of_the_key_at_its_default_reads_as_that_default(tmp_path):

@@ -207,6 +207,63 @@ def test_half_precision_model_trains_in_float32_by_default(load, arch, dtype):
         assert state.fast_paths["train_dtype"]["computed_in"] == "float32"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_update_captures_compute_in_float32_on_request(load, arch):
+    """``capture(compute_dtype="float32")`` of a bf16 model gives the records of the same model
+    converted to float32 by TL's own ``.to`` (an independent conversion): at zero shot, and
+    inside ``finetuned``, where the exact update enters as ``x·ΔWᵀ`` on the K/V projections
+    while the converted model holds W + ΔW in its weights. So FT's update, FT - ZS, is the
+    float32 one, to float32 rounding; in bf16 it is off by bf16's rounding (checked: the test
+    can tell the two apart). The model keeps its own tensors, bit for bit."""
+    from icl_lens.capture import capture
+    from icl_lens.tasks import Example, TaskSpec, build_prompt, label_token_ids
+
+    model = load(arch, BF16, fresh=True)
+    upcast = load(arch, BF16, fresh=True).to(torch.float32)
+    tok = model.tokenizer
+    task = TaskSpec("words", "w3 {x} w4", (" w10", " w11"))
+    words = [" ".join(f"w{12 + (7 * i + 3 * j) % 48}" for j in range(1 + i % 4)) for i in range(6)]
+    prompts = [build_prompt(task, tok, Example(f"e{i}", {"x": w}, i % 2))
+               for i, w in enumerate(words)]  # fmt: skip
+    ids = label_token_ids(task, tok)
+    snap = _snapshot(model)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+
+    def cap(m, cond, **kw):
+        return capture(m, prompts, ids, cond, batch_size=4, progress=False, **kw)
+
+    zs = {"f32": cap(model, "zs", compute_dtype="float32"), "bf16": cap(model, "zs"),
+          "ref": cap(upcast, "zs")}  # fmt: skip
+    with finetuned(model, DEMOS, LR) as state:
+        assert state.fast_paths["update_applied"]["how"] == "kv_deltas"
+        ft = {"f32": cap(model, "ft", compute_dtype="float32"), "bf16": cap(model, "ft")}
+    with finetuned(upcast, DEMOS, LR):
+        ft["ref"] = cap(upcast, "ft")
+    _assert_same(model, snap)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert zs["f32"].checks["dtype"] == "torch.float32"
+    assert zs["f32"].checks["model_dtype"] == "torch.bfloat16"
+    assert zs["bf16"].checks["dtype"] == "torch.bfloat16" and "model_dtype" not in zs["bf16"].checks
+    assert "model_dtype" not in cap(upcast, "zs", compute_dtype="float32").checks  # no-op
+
+    def err(a, b):
+        return rel_l2([a], [b])
+
+    update = {k: ft[k].attn_out - zs[k].attn_out for k in zs}
+    f32 = {"zs": err(zs["f32"].attn_out, zs["ref"].attn_out),
+           "ft": err(ft["f32"].attn_out, ft["ref"].attn_out),
+           "update": err(update["f32"], update["ref"])}  # fmt: skip
+    bf16 = {"zs": err(zs["bf16"].attn_out, zs["ref"].attn_out),
+            "update": err(update["bf16"], update["ref"])}  # fmt: skip
+    print(f"{arch}: float32 compute vs TL's float32 model {f32}; bf16 {bf16}")
+    assert max(f32.values()) <= 1e-4, f32
+    assert bf16["update"] > 10 * max(f32["update"], 1e-7), (bf16, f32)
+    torch.testing.assert_close(zs["f32"].label_logits, zs["ref"].label_logits, rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="compute_dtype"):
+        cap(model, "zs", compute_dtype="bfloat16")
+
+
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -408,8 +465,9 @@ def test_half_precision_averages_the_same_entries_as_fp32(tmp_path):
     from icl_lens import metrics as M
 
     path, tok, data = _toy_checkpoint(tmp_path)
+    # every capture in bf16 (not the float32 ZS/FT default): the rule is tested on bf16 records
     kw = dict(data=data, tokenizer=tok, seeds=(0,), lr=1e-4, baselines=(), n_boot=20,
-              batch_size=4, progress=False)  # fmt: skip
+              batch_size=4, progress=False, update_capture_dtype="model")  # fmt: skip
     records = []
 
     def keeping(*args, **kwargs):
@@ -461,6 +519,13 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
     assert prov["config_key"] != E.ExperimentConfig(n_demos=4, n_eval=6, seeds=(0,),
                                                     lr_grid=(1e-3, 1e-2), n_heldout=3,
                                                     n_boot=50, batch_size=4).key()  # fmt: skip
+    # ZS and FT (whose difference is FT's update) computed in float32, ICL in bf16
+    caps = prov["fast_paths"]["captures"]
+    assert prov["config"]["update_capture_dtype"] == "float32"
+    for cond, dtype in (("zs", "torch.float32"), ("ft", "torch.float32"),
+                        ("icl", "torch.bfloat16")):  # fmt: skip
+        assert caps[cond] and {c["dtype"] for c in caps[cond]} == {dtype}, cond
+        assert all(c.get("model_dtype", c["dtype"]) == "torch.bfloat16" for c in caps[cond])
     ft = prov["fast_paths"]["ft"]
     assert ft["side_by_side"] is True and "side_by_side_fallback" not in ft
     assert ft["train_dtype"] == {"computed_in": "float32", "model_dtype": "bfloat16",
@@ -513,6 +578,19 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
     assert E.ExperimentConfig(dtype="bfloat16", ft_train_dtype="model").key() != bf16.key()
     with pytest.raises(ValueError, match="ft_train_dtype must be one of"):
         E.ExperimentConfig(ft_train_dtype="bfloat16")
+    # what the ZS/FT captures computed in: the same; "model" keeps the keys of files made
+    # before the field (they all captured in the model's dtype)
+    assert E.ExperimentConfig(update_capture_dtype="model").key() == cfg.key()
+    half_model = E.ExperimentConfig(dtype="bfloat16", update_capture_dtype="model")
+    assert half_model.key() != bf16.key()
+    before_field = {k: v for k, v in asdict(half_model).items() if k not in E._NOT_IN_KEY
+                    and E._KEY_DEFAULTS.get(k, object()) != v
+                    and k != "update_capture_dtype"}  # fmt: skip
+    before_field.update(undefined_rule="float32 records", ft_train_dtype="float32")
+    blob = json.dumps(before_field, sort_keys=True, default=list)
+    assert half_model.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    with pytest.raises(ValueError, match="update_capture_dtype must be one of"):
+        E.ExperimentConfig(update_capture_dtype="bfloat16")
     assert E.ExperimentConfig(device="cuda").key() != cfg.key()
     with pytest.raises(ValueError, match="dtype"):
         E.ExperimentConfig(dtype="int8")

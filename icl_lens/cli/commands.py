@@ -59,6 +59,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         record=args.record,
         lr=args.lr,
         ft_train_dtype=args.ft_train_dtype,
+        update_capture_dtype=args.update_capture_dtype,
     )
     if args.lr_grid:
         config["lr_grid"] = tuple(args.lr_grid)

@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with fp32 master deltas: less memory, but bf16's gradients are a few percent off)",
     )
     rep.add_argument(
+        "--update-capture-dtype",
+        choices=("float32", "model"),
+        default="float32",
+        help="what the ZS and FT captures (their difference is FT's update) compute in for a "
+        "bf16/fp16 model: float32 (default; on an exact float32 copy of the model) or model "
+        "(its own dtype: faster, less memory, but bf16 moves SimAOU by more than its CI)",
+    )
+    rep.add_argument(
         "--device",
         default="cpu",
         help="torch device for the model: cpu (default), cuda, cuda:N, mps; checked before "
