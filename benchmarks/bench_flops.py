@@ -253,14 +253,17 @@ def vocab_rate(model, rows: int, seconds: float = 0.6) -> float:
                  4 * rows * d.d_vocab * d.d_model, seconds)  # fmt: skip
 
 
-def matmul_floor(model, need: dict, cfg: dict, grid_rows: int, ft_dtype: torch.dtype) -> dict:
+def matmul_floor(model, need: dict, cfg: dict, grid_rows: int, ft_dtype: torch.dtype,
+                 capture_dtypes: dict[str, torch.dtype] | None = None) -> dict:  # fmt: skip
     """Seconds the protocol's FLOPs take at the matmul rates of its own shapes on this machine:
     each stage's non-embedding FLOPs at one block's weight matmuls with that stage's row count,
     its vocabulary FLOPs at the one-pass vocabulary product's rate. No attention scores, norms,
     activations or memory traffic besides the matmuls' own: no implementation can be faster
     with these matmul kernels, so ``floor / bound`` is what this machine allows. FT's stages
     are measured in ``ft_dtype``, the dtype FT trained in (float32 for a half-precision model
-    by default)."""
+    by default); each capture stage in the dtype its captures computed in (``capture_dtypes``,
+    condition -> dtype; default the model's: a half-precision model's ZS and FT captures run
+    in float32 by default, ``update_capture_dtype``)."""
     shapes = layer_matmul_shapes(model)
     dtype = model_dtype(model)
     train_fp32 = ft_dtype != dtype  # a half-precision model trained in float32
@@ -273,7 +276,8 @@ def matmul_floor(model, need: dict, cfg: dict, grid_rows: int, ft_dtype: torch.d
     for key, (plain, vocab_flops) in need["stages"].items():
         if key.startswith("capture"):
             rows = icl_rows if key.endswith("icl") else zs_rows
-            floor[key] = plain / (block_rate(shapes, rows, False, dtype=dtype) * 1e9)
+            computed = (capture_dtypes or {}).get(key.split()[-1], dtype)
+            floor[key] = plain / (block_rate(shapes, rows, False, dtype=computed) * 1e9)
             continue
         mode = key.split()[-1]
         lc = mode == "layer_causal"
@@ -506,11 +510,20 @@ def measure(args, dtype_name: str, data) -> dict:
     cfg = res.runs[0].provenance["config"]
     trained_in = res.runs[0].provenance["fast_paths"]["ft"].get("train_dtype", {})
     ft_name = trained_in.get("computed_in", dtype_name)
-    floor = matmul_floor(model, need, cfg, timer.grid_rows, getattr(torch, ft_name))
+    # what each condition's captures computed in (their self-check reports say; one dtype each)
+    computed = {cond: {r.get("dtype") for r in reports} for cond, reports
+                in res.runs[0].provenance["fast_paths"]["captures"].items()}  # fmt: skip
+    capture_dtypes = {cond: getattr(torch, names.pop().removeprefix("torch."))
+                      for cond, names in computed.items() if len(names) == 1}  # fmt: skip
+    floor = matmul_floor(model, need, cfg, timer.grid_rows, getattr(torch, ft_name),
+                         capture_dtypes)  # fmt: skip
     total = sum(floor.values())
+    in_f32 = [c for c, d in capture_dtypes.items() if d != model_dtype(model)]
     print(f"(c) matmul floor on this machine: {total:.1f}s = {total / bound:.2f}x the bound "
           f"(each FLOP above at the {dtype_name} rate measured for its own matmul "
-          f"shapes; FT's at the {ft_name} rate, the dtype it trains in)")  # fmt: skip
+          f"shapes; FT's at the {ft_name} rate, the dtype it trains in"
+          + (f"; the {'/'.join(in_f32)} captures' at the float32 rate" if in_f32 else "")
+          + ")")  # fmt: skip
     print(f"    wall / floor {wall / total:.2f}x (what the implementation adds); by stage:")
     for key, seconds in sorted(floor.items()):
         print(f"      {key:<22} floor {seconds:6.1f}s  wall {timer.seconds.get(key, 0.0):6.1f}s")

@@ -1000,7 +1000,10 @@ def _patching(ctx, model, data: TaskData, demos, lr: float, tok, progress, shuff
             rec = circuit_records(model, data, ctx.seed, lr=lr, n_eval=cfg.patch_examples,
                                   demos=demos, tokenizer=tok, sites=("residual",),
                                   mode=cfg.ft_mode, shuffled=shuffled, batch_size=cfg.batch_size,
-                                  progress=progress, train_dtype=cfg.ft_train_dtype)  # fmt: skip
+                                  progress=progress, train_dtype=cfg.ft_train_dtype,
+                                  # patching's own passes run in the model's dtype: so do the
+                                  # records it patches from (patch_curves refuses a mix)
+                                  update_capture_dtype="model")  # fmt: skip
             res = patch_curves(model, rec, layers=cfg.layers, n_boot=cfg.n_boot,
                                batch_size=cfg.batch_size, progress=progress)  # fmt: skip
         except FinetuneDivergedError as e:

@@ -16,6 +16,7 @@ attention. ``record="label"`` gives the reference position for comparisons with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from icl_lens import backend as B
 from icl_lens.baselines import shuffle_labels
+from icl_lens.capture import COMPUTE_DTYPES
 from icl_lens.checks import refuse_autocast, warn
 from icl_lens.circuit.sites import DEFAULT_SITES, check_sites, head_outputs, site_hooks
 from icl_lens.data import TaskData, load_task_data, sample_demos
@@ -128,6 +130,7 @@ class CircuitRecords:
     tokenizer: Any = field(repr=False)
     info: dict = field(default_factory=dict)  # architecture, backend, hooks read per site
     train_dtype: str = "float32"  # what FT's training computed in (``finetuned``)
+    update_capture_dtype: str = "float32"  # what the ZS/FT passes computed in (half models)
 
     def __getitem__(self, condition: str) -> ConditionRecords:
         if condition not in CONDITIONS or getattr(self, condition) is None:
@@ -184,6 +187,7 @@ def circuit_records(
     progress: bool = False,
     demos: Sequence[Example] | None = None,
     train_dtype: str = "float32",
+    update_capture_dtype: str = "float32",
 ) -> CircuitRecords:
     """ZS, ICL and FT (and shuffled-label FT) records of one seed at the named ``sites``.
 
@@ -194,9 +198,14 @@ def circuit_records(
     shuffled-label FT (same rate) is skipped with a warning when the demonstrations have one
     label. The model is left as it was. ``demos``: use these demonstrations as given (no
     sampling or fitting; ``run_experiment(patching=True)`` passes its own), ``n_demos`` unused.
-    ``train_dtype``: what FT trains in (``finetuned``).
+    ``train_dtype``: what FT trains in (``finetuned``). ``update_capture_dtype``: what the ZS
+    and FT passes (their difference is FT's update) compute in for a bf16/fp16 model:
+    "float32" (an exact float32 copy of it, ``capture(compute_dtype=...)``) or "model".
     """
     check_ft_args(mode, [lr], train_dtype)
+    if update_capture_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown update_capture_dtype {update_capture_dtype!r}; use one of "
+                         f"{COMPUTE_DTYPES}")  # fmt: skip
     refuse_autocast("circuit_records")
     B.check_model(model)
     sites = check_sites(list(sites))
@@ -223,12 +232,17 @@ def circuit_records(
     hooks_read: dict[str, str] = {}
     run = dict(label_ids=label_ids, sites=sites, batch_size=batch_size, hooks_read=hooks_read)
     bar = tqdm(total=4 if shuffled else 3, desc="circuit records", disable=not progress)
-    zs = _record(model, zs_prompts, "zs", **run)
+
+    def update_pass(condition: str) -> ConditionRecords:  # ZS and FT: FT's update
+        with B.full_precision(model) if update_capture_dtype == "float32" else nullcontext():
+            return _record(model, zs_prompts, condition, **run)
+
+    zs = update_pass("zs")
     icl = _record(model, icl_prompts, "icl", demo=True, **run)
     bar.update(2)
     ft_kw = dict(mode=mode, task=spec, tokenizer=tok, train_dtype=train_dtype)
     with finetuned(model, demos, lr, **ft_kw) as state:
-        ft = _record(model, zs_prompts, "ft", **run)
+        ft = update_pass("ft")
     bar.update(1)
     sh, sh_demos = None, None
     if shuffled:
@@ -237,7 +251,7 @@ def circuit_records(
         else:
             sh_demos = shuffle_labels(demos, seed)
             with finetuned(model, sh_demos, lr, record_queries=False, **ft_kw):
-                sh = _record(model, zs_prompts, "ft_shuffled", **run)
+                sh = update_pass("ft_shuffled")
         bar.update(1)
     bar.close()
     norms = _post_norms(model, sites)
@@ -259,6 +273,7 @@ def circuit_records(
         lr=float(lr),
         mode=mode,
         train_dtype=train_dtype,
+        update_capture_dtype=update_capture_dtype,
         record=record,
         sites=sites,
         readout=readout,

@@ -174,3 +174,40 @@ def test_real_gemma3_sites_records_and_patching():
     value = rec.zs.residual[:, layer] + rec.update("icl", "residual")[:, layer]
     got = P.patched_label_logits(model, rec.icl_prompts, rec.label_ids, layer, value)
     torch.testing.assert_close(got, rec.icl.label_logits, atol=2e-3, rtol=1e-3)
+
+
+def test_half_precision_update_passes_run_in_float32_and_patching_refuses_the_mix(models):
+    """On a bf16 model, circuit_records' ZS and FT passes (FT's update) run in float32 by
+    default: they equal the records of the same model converted to float32 by TL's own ``.to``
+    (ICL, in bf16, does not), and the model is its own afterwards. Patching, whose passes run in
+    the model's dtype, refuses such records and takes ``update_capture_dtype="model"`` ones."""
+    import copy
+    import warnings
+
+    from icl_lens.circuit import patch_curves
+
+    model, tok = models("toy")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    upcast = copy.deepcopy(half).to(torch.float32)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    kw = dict(seed=0, lr=0.05, n_eval=4, n_demos=6, tokenizer=tok, shuffled=False,
+              sites=("residual",))  # fmt: skip
+    data = toy_data(tok)
+    rec = circuit_records(half, data, **kw)
+    ref = circuit_records(upcast, data, **kw)
+    own = circuit_records(half, data, update_capture_dtype="model", **kw)
+    assert rec.update_capture_dtype == "float32" and own.update_capture_dtype == "model"
+    for cond in ("zs", "ft"):
+        torch.testing.assert_close(rec[cond].residual, ref[cond].residual, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(own[cond].residual, ref[cond].residual, rtol=1e-4, atol=1e-4)
+    update = (rec.ft.residual - rec.zs.residual, ref.ft.residual - ref.zs.residual)
+    torch.testing.assert_close(*update, rtol=1e-3, atol=1e-4)
+    for k, v in half.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="update_capture_dtype='model'"):
+        patch_curves(half, rec, n_boot=10)
+    with warnings.catch_warnings():  # a toy's unstable ratios and the missing shuffled FT
+        warnings.simplefilter("ignore", UserWarning)
+        assert len(patch_curves(half, own, layers=[0], n_boot=10).frame)
+    with pytest.raises(ValueError, match="update_capture_dtype"):
+        circuit_records(half, data, update_capture_dtype="half", **kw)
