@@ -253,7 +253,7 @@ def run_experiment(
     cfg = ExperimentConfig(n_demos=n_demos, n_eval=n_eval, seeds=tuple(seeds),
                            dtype=dtype_name(model_dtype(model)),
                            device=B.input_device(model).type, **config)  # fmt: skip
-    caveat = precision_caveat(model_dtype(model))
+    caveat = precision_caveat(model_dtype(model), cfg.update_capture_dtype)
     if caveat is not None:
         warn(caveat, PrecisionWarning)
     n_layers = B.dims(model).n_layers
@@ -1108,7 +1108,11 @@ def _provenance(model, data, ctx, cfg, evals, demos, fit, lr, heldout) -> dict[s
         "config": asdict(cfg),
         "config_key": cfg.key(),
         # half precision only: what is known to differ from fp32 (checks.precision_caveat)
-        **({"precision_caveat": c} if (c := precision_caveat(getattr(torch, cfg.dtype))) else {}),
+        **(
+            {"precision_caveat": c}
+            if (c := precision_caveat(getattr(torch, cfg.dtype), cfg.update_capture_dtype))
+            else {}
+        ),  # fmt: skip
     }
 
 

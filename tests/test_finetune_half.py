@@ -507,7 +507,8 @@ def test_bf16_run_experiment_with_every_baseline(tmp_path):
         warnings.simplefilter("error", FastPathWarning)  # no fast path falls back in bf16
         warnings.simplefilter("always", PrecisionWarning)
         res = E.run_experiment(str(path), data.task, 4, 6, dtype="bfloat16", **kw)
-    # the known bf16 caveat (SimAOU vs fp32) is said once, and kept in the provenance
+    # the known bf16 caveat (the untrained baseline vs fp32) is said once, and kept in the
+    # provenance
     said = [str(w.message) for w in seen if issubclass(w.category, PrecisionWarning)]
     assert len(said) == 1 and "SimAOU" in said[0] and "float32" in said[0]
     assert [w.filename for w in seen if w.category is PrecisionWarning] == [__file__]
@@ -599,7 +600,11 @@ def test_config_key_has_the_dtype_and_device_but_keeps_fp32_cpu_keys():
 
 def test_the_precision_caveat_is_for_half_precision_only():
     for dtype in (torch.bfloat16, torch.float16):
-        caveat = precision_caveat(dtype)
         name = str(dtype).removeprefix("torch.")
-        assert caveat and caveat.startswith(name) and "\n" not in caveat
+        for captures in ("float32", "model"):
+            caveat = precision_caveat(dtype, captures)
+            assert caveat and caveat.startswith(name) and "\n" not in caveat
+            assert "untrained" in caveat and ("update_capture_dtype" in caveat) == (
+                captures == "model"
+            )
     assert precision_caveat(torch.float32) is None and precision_caveat(torch.float64) is None
