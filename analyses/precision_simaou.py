@@ -293,15 +293,21 @@ def _run_experiments(args, spec, data) -> dict:
     return sides
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def run_args(doc: str, n_eval: int) -> argparse.ArgumentParser:
+    """The (model, task, seed, examples, rate, threads) options of the precision analyses."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-eval", type=int, default=96)
+    ap.add_argument("--n-eval", type=int, default=n_eval)
     ap.add_argument("--n-demos", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4, help="both bench_flops legs chose it")
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = run_args(__doc__, n_eval=96)
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
                     help="rounded variants beside fp32 (default: all; none if bare)")  # fmt: skip
     ap.add_argument("--real", action="store_true", help="also run a true bf16 model")

@@ -20,10 +20,10 @@ and prints each one's mean SimAOU (per example over layers, then over examples, 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+from precision_simaou import _mean, _unit, run_args  # this folder's (the script's own)
 
 import icl_lens as il
 from icl_lens import backend as B
@@ -32,30 +32,12 @@ from icl_lens.metrics import simaou
 from icl_lens.tasks import fit_demos
 
 
-def _mean(x: torch.Tensor) -> float:
-    per_example = torch.nanmean(x, dim=1)
-    return float(per_example[~torch.isnan(per_example)].mean())
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    return x / x.norm(dim=-1, keepdim=True)
-
-
 def _dist(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((_unit(a) - _unit(b)).norm(dim=-1).mean())
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--task", default="sst2")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-eval", type=int, default=500)
-    ap.add_argument("--n-demos", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4, help="the rate bench_flops' legs chose")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = run_args(__doc__, n_eval=500).parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     spec = il.get_task(args.task)
