@@ -306,6 +306,18 @@ def run_args(doc: str, n_eval: int) -> argparse.ArgumentParser:
     return ap
 
 
+def episode(args, spec, data, model):
+    """(tokenizer, demonstrations, label ids, ZS prompts, ICL prompts) of the run's seed."""
+    tok = model.tokenizer
+    evals = data.eval[: args.n_eval]
+    demos = il.sample_demos(data.demo_pool, args.n_demos, args.seed)
+    demos = fit_demos(spec, tok, demos, evals, B.dims(model).n_ctx).demos
+    ids = il.label_token_ids(spec, tok)
+    zs_p = [il.build_prompt(spec, tok, q) for q in evals]
+    icl_p = [il.build_prompt(spec, tok, q, demos) for q in evals]
+    return tok, demos, ids, zs_p, icl_p
+
+
 def main(argv=None) -> None:
     ap = run_args(__doc__, n_eval=96)
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
@@ -333,13 +345,7 @@ def main(argv=None) -> None:
                 json.dump({"config": vars(args), "headline": sides}, fh, indent=2)
         return
     model = il.load_model(args.model, progress=False)
-    tok = model.tokenizer
-    evals = data.eval[: args.n_eval]
-    demos = il.sample_demos(data.demo_pool, args.n_demos, args.seed)
-    demos = fit_demos(spec, tok, demos, evals, B.dims(model).n_ctx).demos
-    ids = il.label_token_ids(spec, tok)
-    zs_p = [il.build_prompt(spec, tok, q) for q in evals]
-    icl_p = [il.build_prompt(spec, tok, q, demos) for q in evals]
+    tok, demos, ids, zs_p, icl_p = episode(args, spec, data, model)
 
     def cap(m, prompts, cond, acts=False, compute="model"):
         # with rounded activations the prefix cache may fail its self-check: capture then

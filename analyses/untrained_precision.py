@@ -23,13 +23,12 @@ from __future__ import annotations
 import time
 
 import torch
-from precision_simaou import _mean, _unit, run_args  # this folder's (the script's own)
+from precision_simaou import _mean, _unit, episode, run_args  # this folder's (the script's own)
 
 import icl_lens as il
 from icl_lens import backend as B
 from icl_lens.baselines import untrained
 from icl_lens.metrics import simaou
-from icl_lens.tasks import fit_demos
 
 
 def _dist(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,13 +44,7 @@ def main(argv=None) -> None:
     runs: dict[str, dict] = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = il.load_model(args.model, dtype=dtype, progress=False)
-        tok = model.tokenizer
-        evals = data.eval[: args.n_eval]
-        demos = il.sample_demos(data.demo_pool, args.n_demos, args.seed)
-        demos = fit_demos(spec, tok, demos, evals, B.dims(model).n_ctx).demos
-        ids = il.label_token_ids(spec, tok)
-        zs_p = [il.build_prompt(spec, tok, q) for q in evals]
-        icl_p = [il.build_prompt(spec, tok, q, demos) for q in evals]
+        tok, demos, ids, zs_p, icl_p = episode(args, spec, data, model)
 
         def cap(prompts, cond, compute="float32", model=model, ids=ids):
             return il.capture(model, prompts, ids, cond, progress=False,
