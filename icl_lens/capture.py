@@ -40,6 +40,7 @@ from icl_lens import backend as B
 from icl_lens.checks import (
     FastPathWarning,
     SelfCheckError,
+    master_dtype,
     model_dtype,
     refuse_autocast,
     rel_diff,
@@ -216,7 +217,7 @@ def capture(
         raise ValueError(f"unknown compute_dtype {compute_dtype!r}; use one of {COMPUTE_DTYPES}")
     refuse_autocast("capture")
     own = model_dtype(model)
-    if compute_dtype == "float32" and own in (torch.bfloat16, torch.float16):
+    if compute_dtype == "float32" and master_dtype(own) != own:  # a half-precision model
         _check_prompts(model, prompts, detail_limit)  # bad input fails before the copy
         with B.full_precision(model):
             rec = capture(model, prompts, label_token_ids, condition, batch_size=batch_size,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from icl_lens import backend as B
 from icl_lens import metrics as M
-from icl_lens.checks import model_dtype, warn
+from icl_lens.checks import master_dtype, model_dtype, warn
 from icl_lens.circuit.records import CircuitRecords, forward_label_logits
 from icl_lens.circuit.sites import head_outputs
 from icl_lens.finetune import finetuned
@@ -221,8 +221,8 @@ def patch_curves(
         )
     if site not in PATCH_SITES:
         raise ValueError(f"patch site must be one of {PATCH_SITES}, not {site!r}")
-    half = model_dtype(model) in (torch.bfloat16, torch.float16)
-    if half and getattr(records, "update_capture_dtype", "model") == "float32":
+    own = model_dtype(model)
+    if master_dtype(own) != own and records.update_capture_dtype == "float32":
         raise ValueError(
             "patching runs its passes in the model's dtype, but these records' ZS/FT passes "
             "ran in float32: build them with circuit_records(..., update_capture_dtype='model')"
